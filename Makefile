@@ -1,0 +1,48 @@
+# Two commands a fresh clone needs: `make demo` and `make test`. Everything installs into .venv.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-test
+STAMP_RUN := $(VENV)/.installed
+export JAX_PLATFORMS ?= cpu
+export TF_CPP_MIN_LOG_LEVEL ?= 3
+
+.PHONY: demo demo-train test test-slow lint format bench clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(STAMP_RUN): pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(STAMP): pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@ $(STAMP_RUN)
+
+demo: $(STAMP_RUN)
+	$(PY) -m free_jax.demo
+
+demo-train: $(STAMP_RUN)
+	$(PY) -m free_jax.train --gin_file=gin_configs/runs/demo_cpu.gin
+
+lint: $(STAMP)
+	$(PY) -m ruff check free_jax tests launch
+	$(PY) -m ruff format --check free_jax tests launch
+
+format: $(STAMP)
+	$(PY) -m ruff format free_jax tests launch
+	$(PY) -m ruff check --fix free_jax tests launch
+
+test: lint
+	$(PY) -m pytest -q -n 2 --dist loadfile
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+bench: $(STAMP)
+	$(PY) -m free_jax.benchmarks.decode
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
