@@ -28,12 +28,12 @@ demo-train: $(STAMP_RUN)
 	$(PY) -m free_jax.train --gin_file=gin_configs/runs/demo_cpu.gin
 
 lint: $(STAMP)
-	$(PY) -m ruff check free_jax tests launch
-	$(PY) -m ruff format --check free_jax tests launch
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 format: $(STAMP)
-	$(PY) -m ruff format free_jax tests launch
-	$(PY) -m ruff check --fix free_jax tests launch
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
 
 test: lint
 	$(PY) -m pytest -q -n 2 --dist loadfile
