@@ -55,13 +55,17 @@ def main() -> None:
     start = time.perf_counter()
     tokens = greedy_cached(model, params, enc, steps=12)
     tokens.block_until_ready()
-    print(f"cached greedy decode, 2 x 12 tokens in {time.perf_counter() - start:.2f}s (incl. compile)")
+    print(
+        f"cached greedy decode, 2 x 12 tokens in {time.perf_counter() - start:.2f}s (incl. compile)"
+    )
     dec_in = jnp.concatenate([jnp.zeros((2, 1), jnp.int32), tokens[:, :-1]], axis=1)
     out = model.apply({"params": params}, enc, dec_in, exit_layers=(s,))
     teacher = np.asarray(jnp.argmax(out.logits, -1))
     agree = float(np.mean(np.asarray(jnp.argmax(out.exit_logits[s], -1)) == teacher))
     print("tokens:", np.asarray(tokens).tolist())
-    print(f"teacher-forced argmax equals cached decode: {bool((teacher == np.asarray(tokens)).all())}")
+    print(
+        f"teacher-forced argmax equals cached decode: {bool((teacher == np.asarray(tokens)).all())}"
+    )
     print(f"shallow (layer {s}) / deep agreement on these tokens: {agree:.2f}")
 
 
