@@ -1,0 +1,106 @@
+"""Offline calibration entry point: fit FREE's exit threshold on a calibration split.
+
+    python -m free_jax.calibrate --gin_file=gin_configs/runs/calibrate_demo.gin \\
+        [--gin.CHECKPOINT=\\"path\\"] [--gin.calibrate.num_examples=300]
+
+Decodes the split with FREE at a threshold no token passes, so the deep layers verify every position
+and each yields an unbiased (shallow confidence, shallow == deep) record; fits the chosen estimator;
+writes threshold.json (value, interval, estimator, counts) and calibration.png.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import gin
+import numpy as np
+
+from free_jax.calibration import (
+    fit_bmm_threshold,
+    fit_moments_threshold,
+    plot_calibration,
+    save_threshold,
+)
+from free_jax.data import eval_batches, get_task, load_source
+from free_jax.evaluation import DecoderChoice, EvalSettings, make_batches, run_decoder
+from free_jax.loading import describe_config, load_model
+from free_jax.train import parse_flags, parse_gin
+
+NEVER_EXIT = (
+    1.0  # confidences are softmax margins in [0, 1]; a token exits only when strictly above
+)
+
+
+def collect_records(config, params, batches, settings: EvalSettings, progress=True):
+    """(confidence, agree) of every decoded position, from FREE's deep passes."""
+    run = run_decoder(
+        DecoderChoice("free (calibration)", "free", NEVER_EXIT), config, params, batches, settings,
+        progress=progress,
+    )  # fmt: skip
+    return run.records_confidence, run.records_agree
+
+
+def fit(confidences, agree, estimator: str, zeta: float, seed: int = 0):
+    if estimator == "moments":
+        return fit_moments_threshold(confidences, agree, zeta=zeta)
+    if estimator in ("svi", "nuts"):
+        return fit_bmm_threshold(confidences, agree, zeta=zeta, method=estimator, seed=seed)
+    raise ValueError(f"calibrate.estimator={estimator!r}; expected 'svi', 'nuts' or 'moments'")
+
+
+@gin.configurable(module="free_jax")
+def calibrate(
+    checkpoint: str = gin.REQUIRED,
+    task: str = gin.REQUIRED,
+    split: str = "validation",
+    data_dir: str | None = None,
+    num_examples: int | None = 300,
+    batch_size: int = 8,
+    max_input_length: int = 64,
+    tokenizer: str | None = None,
+    estimator: str = "svi",
+    zeta: float = 0.4,
+    out: str | None = None,
+    settings: EvalSettings | None = None,
+    progress: bool = True,
+):
+    """Decodes, fits and writes `threshold.json`; returns the `ThresholdResult`."""
+    settings = settings or EvalSettings()
+    config, params, tok = load_model(checkpoint, tokenizer)
+    if tok is None:
+        raise FileNotFoundError(f"{checkpoint}: no tokenizer found; pass calibrate.tokenizer")
+    task_obj = get_task(task)
+    source = load_source(task_obj, split, data_dir=data_dir)
+    raw = eval_batches(
+        source, task_obj, tok, batch_size=batch_size, max_input_length=max_input_length,
+        max_target_length=settings.max_decode_len, shard_index=0, shard_count=1,
+    )  # fmt: skip
+    batches = make_batches(raw, limit=num_examples)
+    n = sum(b.num_real for b in batches)
+    print(f"{describe_config(config)}; calibrating on {task}/{split}: {n} examples")
+    conf, agree = collect_records(config, params, batches, settings, progress)
+    start = time.perf_counter()
+    result = fit(conf, agree, estimator, zeta)
+    fit_s = time.perf_counter() - start
+    out_path = Path(out or Path(checkpoint) / "threshold.json")
+    save_threshold(out_path, result)
+    plot = plot_calibration(result, conf, agree, out_path.with_name("calibration.png"))
+    interval = f", interval {result.interval}" if result.interval else ""
+    print(
+        f"{estimator}: threshold {result.threshold:.4f}{interval} from {len(conf)} records "
+        f"({int(np.sum(agree))} agree) in {fit_s:.2f}s\nwrote {out_path} and {plot}"
+    )
+    return result
+
+
+def main(argv: Sequence[str] | None = None):
+    args = parse_flags(sys.argv[1:] if argv is None else argv)
+    parse_gin(args.gin_file, args.gin_bindings, args.gin_search_path)
+    return calibrate()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Evaluation entry point: every decoder on a task's split, quality and speed side by side.
+
+    python -m free_jax.evaluate --gin_file=gin_configs/runs/eval_demo.gin \\
+        [--gin.CHECKPOINT=\\"path\\"] [--gin.NUM_EXAMPLES=200] [--gin.evaluate.threshold_file=...]
+
+Writes results.json, results.md and pareto.png (plus calibration.png for the adaptive threshold)
+under OUT_DIR (default CHECKPOINT/eval) and prints the table.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import gin
+
+from free_jax.calibration import load_threshold, plot_calibration
+from free_jax.data import eval_batches, get_task, load_source
+from free_jax.evaluation import EvalSettings, SuiteSpec, make_batches, run_suite, write_report
+from free_jax.evaluation.report import markdown_table
+from free_jax.evaluation.suite import device_name
+from free_jax.loading import describe_config, load_model
+from free_jax.train import parse_flags, parse_gin
+
+gin.external_configurable(EvalSettings, module="free_jax")
+gin.external_configurable(SuiteSpec, module="free_jax")
+
+
+@gin.configurable(module="free_jax")
+def evaluate(
+    checkpoint: str = gin.REQUIRED,
+    task: str = gin.REQUIRED,
+    split: str = "test",
+    data_dir: str | None = None,
+    num_examples: int | None = None,
+    max_input_length: int = 64,
+    tokenizer: str | None = None,
+    threshold_file: str | None = None,
+    out_dir: str | None = None,
+    settings: EvalSettings | None = None,
+    suite: SuiteSpec | None = None,
+    progress: bool = True,
+) -> dict:
+    """Loads the model, runs the suite, writes the report; returns {"records", "paths", ...}."""
+    settings = settings or EvalSettings()
+    suite = suite or SuiteSpec()
+    config, params, tok = load_model(checkpoint, tokenizer)
+    if tok is None:
+        raise FileNotFoundError(f"{checkpoint}: no tokenizer found; pass evaluate.tokenizer")
+    task_obj = get_task(task)
+    if threshold_file:
+        calibrated = load_threshold(threshold_file)
+        suite = SuiteSpec(**{**suite.__dict__, "calibrated_threshold": calibrated.threshold})
+    source = load_source(task_obj, split, data_dir=data_dir)
+    raw = eval_batches(
+        source, task_obj, tok, batch_size=max(suite.batch_sizes), max_input_length=max_input_length,
+        max_target_length=settings.max_decode_len, shard_index=0, shard_count=1,
+    )  # fmt: skip
+    batches = make_batches(raw, limit=num_examples)
+    n = sum(b.num_real for b in batches)
+    print(f"{describe_config(config)}; {task}/{split}: {n} examples; device {device_name()}")
+    records, extras = run_suite(
+        config, params, batches, lambda ids: tok.decode(list(ids)), task_obj.metric, settings,
+        suite, progress=progress,
+    )  # fmt: skip
+    out = Path(out_dir or Path(checkpoint) / "eval")
+    header = (
+        f"# {task} ({split}, {n} examples) — {describe_config(config)}\n\n"
+        f"Device: {device_name()}. Speedups are wall-clock ratios to full greedy in the same run; "
+        "compile time is excluded (see results.json)."
+    )
+    paths = write_report(records, out, header=header)
+    if extras.get("records") is not None and extras.get("online") is not None:
+        conf, agree = extras["records"]
+        result = extras["online"].result
+        if result is not None and len(conf):
+            paths["calibration"] = plot_calibration(result, conf, agree, out / "calibration.png")
+    predictions_path = out / "predictions.json"
+    predictions_path.write_text(json.dumps(extras["predictions"], indent=1, ensure_ascii=False))
+    paths["predictions"] = str(predictions_path)
+    print(markdown_table(records, "main"))
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return {
+        "records": records,
+        "paths": paths,
+        "lossless_equals_full": extras.get("lossless_equals_full"),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_flags(sys.argv[1:] if argv is None else argv)
+    parse_gin(args.gin_file, args.gin_bindings, args.gin_search_path)
+    return evaluate()
+
+
+if __name__ == "__main__":
+    main()

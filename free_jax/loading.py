@@ -1,0 +1,66 @@
+"""Loading a model and its tokenizer from whatever a user points at (entry points use this).
+
+Accepted: a free_jax export (`config.json` + `params/`, written by `checkpoints.save_params`), a
+training MODEL_DIR (orbax train-state checkpoints), a Hugging Face directory or hub name, or a T5X
+checkpoint directory. The tokenizer is the `*.model` / `tokenizer.json` beside the weights unless
+one is named.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from free_jax.checkpoints import load_hf, load_params, load_t5x
+from free_jax.data import load_tokenizer
+from free_jax.models import T5Config
+
+
+def _find_tokenizer(directory: Path) -> Path | None:
+    for pattern in ("spiece.model", "*.model", "tokenizer.json"):
+        found = sorted(directory.glob(pattern))
+        if found:
+            return found[0]
+    return None
+
+
+def load_model(checkpoint: str, tokenizer: str | None = None, **config_overrides):
+    """-> (T5Config, params, Tokenizer or None), with config fields overridden as given."""
+    path = Path(checkpoint)
+    tok_path = Path(tokenizer) if tokenizer else None
+    if (path / "params").is_dir() and (path / "config.json").exists():
+        config, params = load_params(path, **config_overrides)
+    elif (path / "checkpoint").exists() and not (path / "config.json").exists():
+        config, params = load_t5x(path, **config_overrides)
+    elif (path / "config.json").exists() and any(path.glob("*.safetensors*")):
+        config, params = load_hf(str(path), **config_overrides)
+    elif path.is_dir():
+        from free_jax.training.state import load_trained  # a training MODEL_DIR
+
+        config, params, saved_tok = load_trained(path)
+        if config_overrides:
+            config = config.replace(**config_overrides)
+        if tok_path is None and saved_tok:
+            tok_path = Path(saved_tok)
+    elif "/" in checkpoint and not path.exists():
+        config, params = load_hf(checkpoint, **config_overrides)  # a hub name
+    else:
+        raise FileNotFoundError(
+            f"checkpoint {checkpoint!r}: not a free_jax export, training MODEL_DIR, Hugging Face "
+            "directory or T5X checkpoint"
+        )
+    if tok_path is None and path.is_dir():
+        tok_path = _find_tokenizer(path)
+    tok = load_tokenizer(str(tok_path)) if tok_path is not None else None
+    if tok is not None and tok.vocab_size > config.vocab_size:
+        raise ValueError(
+            f"tokenizer {tok_path} has {tok.vocab_size} ids but the model's vocabulary is "
+            f"{config.vocab_size}"
+        )
+    return config, params, tok
+
+
+def describe_config(config: T5Config) -> str:
+    return (
+        f"T5 d_model={config.d_model} heads={config.num_heads} encoder={config.num_encoder_layers} "
+        f"decoder L={config.num_decoder_layers} S={config.shallow_layer} V={config.vocab_size}"
+    )
