@@ -24,8 +24,13 @@ $(STAMP): pyproject.toml | $(VENV)/bin/python
 demo: $(STAMP_RUN)
 	$(PY) -m free_jax.demo
 
+# Reproduces the shipped demo model: train (resumes after a crash), then export the best step.
+DEMO_RUN ?= gin_configs/runs/demo_cpu.gin
+DEMO_DIR ?= runs/demo_cpu
+DEMO_OUT ?= demo/model
 demo-train: $(STAMP_RUN)
-	$(PY) -m free_jax.train --gin_file=gin_configs/runs/demo_cpu.gin
+	$(PY) -m free_jax.train --gin_file=$(DEMO_RUN) --gin.MODEL_DIR=\"$(DEMO_DIR)\"
+	$(PY) -m free_jax.export --model_dir=$(DEMO_DIR) --out=$(DEMO_OUT) --dtype=bfloat16
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
