@@ -1,0 +1,60 @@
+"""Training: FREE / CALM / CE losses, optax optimisers, LoRA, the loop, checkpoints, validation.
+
+from free_jax.training import DataConfig, TrainConfig, train, load_trained
+train(TrainConfig(model_dir="runs/x", train_steps=1000), preset("tiny"), DataConfig())
+config, params, tokenizer_path = load_trained("runs/x")
+"""
+
+from free_jax.training.lora import LoraConfig, init_lora, lora_interceptor, merge_lora
+from free_jax.training.losses import (
+    LossConfig,
+    calm_loss,
+    ce_loss,
+    compute_loss,
+    cross_entropy,
+    distillation_loss,
+    dynamic_alignment,
+    free_loss,
+    teacher_layers,
+)
+from free_jax.training.metrics import MetricsWriter, read_metrics
+from free_jax.training.optim import OptimizerConfig, make_optimizer, make_schedule
+from free_jax.training.state import CheckpointConfig, TrainState, load_trained
+from free_jax.training.trainer import (
+    DataConfig,
+    NonFiniteLossError,
+    TrainConfig,
+    TrainResult,
+    train,
+)
+from free_jax.training.validation import greedy_decode
+
+__all__ = [
+    "CheckpointConfig",
+    "DataConfig",
+    "LoraConfig",
+    "LossConfig",
+    "MetricsWriter",
+    "NonFiniteLossError",
+    "OptimizerConfig",
+    "TrainConfig",
+    "TrainResult",
+    "TrainState",
+    "calm_loss",
+    "ce_loss",
+    "compute_loss",
+    "cross_entropy",
+    "distillation_loss",
+    "dynamic_alignment",
+    "free_loss",
+    "greedy_decode",
+    "init_lora",
+    "load_trained",
+    "lora_interceptor",
+    "make_optimizer",
+    "make_schedule",
+    "merge_lora",
+    "read_metrics",
+    "teacher_layers",
+    "train",
+]

@@ -1,0 +1,408 @@
+"""Training losses: plain cross-entropy, CALM's depth-weighted CE, and FREE's shallow-deep loss.
+
+All three read the same batch (t5x feature names) and the same model, and every exit goes through the
+shared final RMS norm and LM head. Token losses are means weighted by `decoder_loss_weights`, so
+padding (weight 0) never counts.
+
+FREE (Bae et al. 2023, eq. 2-3), with S the shallow exit layer and L the decoder depth:
+
+    total = (S * CE_S + L * CE_L) / (S + L) + alpha * KD
+
+KD distils the deep decoder into the shallow one, layer by layer: the normalised outputs of the
+student layers 1..S are pulled towards (stop-gradient) normalised outputs of S teacher layers, with
+FREE's dynamic alignment deciding which student each teacher teaches (see `dynamic_alignment`).
+
+Example (values from a hand computation in tests/training/test_losses.py):
+    loss, metrics = compute_loss(model_config, LossConfig(kind="free"), params, batch,
+                                 rng=key, deterministic=False)
+    metrics["ce_shallow"], metrics["ce_deep"], metrics["kd"], metrics["acc_shallow"]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from free_jax.models import T5, T5Config
+
+LOSS_KINDS = ("free", "calm", "ce")
+ALIGNMENTS = ("dynamic", "uniform", "last")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Which loss to train with.
+
+    Attributes:
+      kind: "free" (shallow-deep CE + layer-wise KD), "calm" (every layer's CE, weighted by depth)
+        or "ce" (top layer only: the full-model baseline).
+      kd_alpha: FREE's alpha, the weight of the distillation term.
+      kd_alignment: how teachers pick students: "dynamic" (FREE's default), "uniform" (teacher j
+        teaches student j) or "last" (the deep output teaches the shallow exit only).
+      z_loss: coefficient of t5x's auxiliary z-loss, log(Z)^2 per target token (0 disables it).
+    """
+
+    kind: str = "free"
+    kd_alpha: float = 0.5
+    kd_alignment: str = "dynamic"
+    z_loss: float = 0.0
+
+    def __post_init__(self):
+        if self.kind not in LOSS_KINDS:
+            raise ValueError(f"LossConfig.kind={self.kind!r}; expected one of {LOSS_KINDS}")
+        if self.kd_alignment not in ALIGNMENTS:
+            raise ValueError(
+                f"LossConfig.kd_alignment={self.kd_alignment!r}; expected one of {ALIGNMENTS}"
+            )
+        if self.kd_alpha < 0 or self.z_loss < 0:
+            raise ValueError("LossConfig.kd_alpha and z_loss must be >= 0")
+
+
+# ---------------------------------------------------------------------------------------------
+# Token-level pieces
+# ---------------------------------------------------------------------------------------------
+
+
+def weighted_mean(x_BT: jax.Array, weights_BT: jax.Array) -> jax.Array:
+    """sum(x * w) / sum(w); 0 when every weight is 0 (an all-padding batch)."""
+    weights_BT = weights_BT.astype(jnp.float32)
+    return jnp.sum(x_BT * weights_BT) / jnp.maximum(jnp.sum(weights_BT), 1e-8)
+
+
+def token_cross_entropy(
+    logits_BTV: jax.Array, targets_BT: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Per-token cross-entropy and log-partition, both [B, T] float32.
+
+    >>> ce, log_z = token_cross_entropy(jnp.zeros((1, 1, 4)), jnp.array([[2]]))
+    >>> float(ce[0, 0]), float(log_z[0, 0])   # log(4) both: uniform over 4 tokens
+    (1.386..., 1.386...)
+    """
+    logits_BTV = logits_BTV.astype(jnp.float32)
+    log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+    target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    return log_z_BT - target_logit_BT, log_z_BT
+
+
+def cross_entropy(
+    logits_BTV: jax.Array, targets_BT: jax.Array, weights_BT: jax.Array, z_loss: float = 0.0
+) -> tuple[jax.Array, jax.Array]:
+    """(weighted mean CE, weighted mean z-loss term) of one exit."""
+    ce_BT, log_z_BT = token_cross_entropy(logits_BTV, targets_BT)
+    z_term = z_loss * weighted_mean(jnp.square(log_z_BT), weights_BT) if z_loss else jnp.zeros(())
+    return weighted_mean(ce_BT, weights_BT), z_term
+
+
+def accuracy(logits_BTV: jax.Array, targets_BT: jax.Array, weights_BT: jax.Array) -> jax.Array:
+    """Share of (weighted) target tokens whose argmax prediction is right."""
+    return weighted_mean((jnp.argmax(logits_BTV, -1) == targets_BT).astype(jnp.float32), weights_BT)
+
+
+def hidden_mse(a_BTD: jax.Array, b_BTD: jax.Array, weights_BT: jax.Array) -> jax.Array:
+    """Mean over D of the squared difference, then the weighted mean over tokens."""
+    diff = a_BTD.astype(jnp.float32) - b_BTD.astype(jnp.float32)
+    return weighted_mean(jnp.mean(jnp.square(diff), axis=-1), weights_BT)
+
+
+# ---------------------------------------------------------------------------------------------
+# FREE's layer-wise distillation
+# ---------------------------------------------------------------------------------------------
+
+# The reference implementation tabulates teachers (1-based decoder layers) for a few (L, S).
+# Its irregular L=24, S=10 row is kept verbatim; every other row equals the formula below.
+_REFERENCE_TEACHERS = {
+    (24, 12): tuple(range(2, 25, 2)),
+    (24, 10): (3, 6, 8, 11, 13, 16, 18, 20, 22, 24),
+    (24, 8): tuple(range(3, 25, 3)),
+    (24, 6): tuple(range(4, 25, 4)),
+    (24, 4): (6, 12, 18, 24),
+    (12, 3): (4, 8, 12),
+}
+
+
+def teacher_layers(num_layers: int, shallow_layer: int) -> tuple[int, ...]:
+    """The S deep decoder layers (1-based) whose outputs teach the shallow layers 1..S.
+
+    FREE spaces S teachers evenly over the L layers, ending at the top: teacher j (j = 1..S) is
+    layer ceil(j * L / S). For the (L, S) pairs the reference tabulates this is the table (L=24,
+    S=10, whose hand-picked row is used verbatim). Because L / S > 1, teacher j is strictly deeper
+    than student j and the teachers are distinct and increasing, for any 1 <= S < L.
+
+    >>> teacher_layers(8, 2), teacher_layers(12, 3), teacher_layers(4, 1), teacher_layers(6, 4)
+    ((4, 8), (4, 8, 12), (4,), (2, 3, 5, 6))
+    """
+    if not 1 <= shallow_layer < num_layers:
+        raise ValueError(f"need 1 <= S < L, got S={shallow_layer}, L={num_layers}")
+    if (num_layers, shallow_layer) in _REFERENCE_TEACHERS:
+        return _REFERENCE_TEACHERS[(num_layers, shallow_layer)]
+    # Integer ceil avoids float rounding at exact multiples.
+    return tuple(-(-j * num_layers // shallow_layer) for j in range(1, shallow_layer + 1))
+
+
+def dynamic_alignment(mse_TS: jax.Array) -> jax.Array:
+    """FREE's dynamic layer alignment: which student each teacher distils into.
+
+    Teachers are visited from the deepest down. Each takes the student with the lowest error among
+    those strictly below the previous teacher's pick (the deepest teacher may take any student).
+    When no student is left below (the previous pick was student 0), it repeats the previous pick.
+    The result is therefore non-increasing from the last teacher backwards. Ties go to the
+    shallower student.
+
+    Args:
+      mse_TS: [T, S] error of teacher t against student s (both 0-based).
+    Returns:
+      [T] int32 student index per teacher.
+
+    Worked example (3 teachers, 3 students):
+        mse = [[1, 5, 6],   # teacher 0: no student below 0 is left -> repeats student 0
+               [4, 2, 3],   # teacher 1: only students < 1 -> student 0
+               [9, 1, 2]]   # teacher 2, visited first: any student -> student 1 (error 1)
+        dynamic_alignment(mse) == [0, 0, 1]
+    """
+    num_teachers, num_students = mse_TS.shape
+    student_S = jnp.arange(num_students)
+    picks = [None] * num_teachers
+    bound = jnp.asarray(num_students, jnp.int32)  # students must sit strictly below this
+    for t in range(num_teachers - 1, -1, -1):
+        allowed_S = student_S < bound
+        best = jnp.argmin(jnp.where(allowed_S, mse_TS[t], jnp.inf)).astype(jnp.int32)
+        pick = jnp.where(jnp.any(allowed_S), best, bound)
+        picks[t] = pick
+        bound = pick
+    return jnp.stack(picks)
+
+
+def distillation_loss(
+    students: Sequence[jax.Array],
+    teachers: Sequence[jax.Array],
+    weights_BT: jax.Array,
+    alignment: str = "dynamic",
+) -> tuple[jax.Array, jax.Array]:
+    """FREE's KD term: the mean over teachers of the error against their aligned student.
+
+    Args:
+      students: S normalised student states [B, T, D] (decoder layers 1..S, after the final norm).
+      teachers: normalised teacher states [B, T, D]; gradients are stopped here.
+      weights_BT: target-token weights (padding excluded from every error).
+      alignment: "dynamic", "uniform" (teacher j -> student j; needs as many teachers as students)
+        or "last" (only the last teacher and the last student).
+    Returns:
+      (kd scalar, [T] int32 student index per teacher).
+    """
+    teachers = [jax.lax.stop_gradient(t) for t in teachers]
+    if alignment == "last":
+        return hidden_mse(students[-1], teachers[-1], weights_BT), jnp.array([len(students) - 1])
+    if alignment == "uniform":
+        if len(students) != len(teachers):
+            raise ValueError("uniform alignment needs as many teachers as students")
+        errors = jnp.stack([hidden_mse(s, t, weights_BT) for s, t in zip(students, teachers)])
+        return jnp.mean(errors), jnp.arange(len(students), dtype=jnp.int32)
+    mse_TS = jnp.stack(
+        [jnp.stack([hidden_mse(s, t, weights_BT) for s in students]) for t in teachers]
+    )
+    # The choice itself is not differentiated; the chosen errors are.
+    picks_T = dynamic_alignment(jax.lax.stop_gradient(mse_TS))
+    chosen_T = mse_TS[jnp.arange(len(teachers)), picks_T]
+    return jnp.mean(chosen_T), picks_T
+
+
+# ---------------------------------------------------------------------------------------------
+# The three losses on logits and hidden states
+# ---------------------------------------------------------------------------------------------
+
+
+def free_loss(
+    shallow_logits_BTV: jax.Array,
+    deep_logits_BTV: jax.Array,
+    students: Sequence[jax.Array],
+    teachers: Sequence[jax.Array],
+    targets_BT: jax.Array,
+    weights_BT: jax.Array,
+    *,
+    shallow_layer: int,
+    num_layers: int,
+    alpha: float = 0.5,
+    alignment: str = "dynamic",
+    z_loss: float = 0.0,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(S * CE_S + L * CE_L) / (S + L) + alpha * KD (+ z-loss); see the module docstring."""
+    s, d = shallow_layer, num_layers  # the shallow and deep exits' layers weight their CE
+    ce_s, z_s = cross_entropy(shallow_logits_BTV, targets_BT, weights_BT, z_loss)
+    ce_d, z_d = cross_entropy(deep_logits_BTV, targets_BT, weights_BT, z_loss)
+    kd, picks_T = distillation_loss(students, teachers, weights_BT, alignment)
+    z_term = (s * z_s + d * z_d) / (s + d)
+    total = (s * ce_s + d * ce_d) / (s + d) + alpha * kd + z_term
+    metrics = {
+        "loss": total,
+        "ce_shallow": ce_s,
+        "ce_deep": ce_d,
+        "kd": kd,
+        "z_loss": z_term,
+        "acc_shallow": accuracy(shallow_logits_BTV, targets_BT, weights_BT),
+        "acc_deep": accuracy(deep_logits_BTV, targets_BT, weights_BT),
+    }
+    for t, pick in enumerate(picks_T):
+        metrics[f"kd_align_{t}"] = pick.astype(jnp.float32)
+    return total, metrics
+
+
+def calm_loss(
+    logits_by_layer: Mapping[int, jax.Array],
+    targets_BT: jax.Array,
+    weights_BT: jax.Array,
+    *,
+    shallow_layer: int | None = None,
+    z_loss: float = 0.0,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """CALM: sum_l l * CE_l / sum_l l over every decoder layer l = 1..L.
+
+    `logits_by_layer` maps each 1-based layer to its exit logits. `shallow_layer`, when given, adds
+    that exit's numbers under the FREE metric names for comparison.
+    """
+    total, norm, metrics = 0.0, 0.0, {}
+    for layer in sorted(logits_by_layer):
+        ce, z = cross_entropy(logits_by_layer[layer], targets_BT, weights_BT, z_loss)
+        total, norm = total + layer * (ce + z), norm + layer
+        metrics[f"ce_layer{layer}"] = ce
+    deep = max(logits_by_layer)
+    total = total / norm
+    metrics["loss"] = total
+    metrics["ce_deep"] = metrics[f"ce_layer{deep}"]
+    metrics["acc_deep"] = accuracy(logits_by_layer[deep], targets_BT, weights_BT)
+    if shallow_layer is not None:
+        metrics["ce_shallow"] = metrics[f"ce_layer{shallow_layer}"]
+        metrics["acc_shallow"] = accuracy(logits_by_layer[shallow_layer], targets_BT, weights_BT)
+    return total, metrics
+
+
+def ce_loss(
+    deep_logits_BTV: jax.Array, targets_BT: jax.Array, weights_BT: jax.Array, z_loss: float = 0.0
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The full-model baseline: CE of the top layer only."""
+    ce, z = cross_entropy(deep_logits_BTV, targets_BT, weights_BT, z_loss)
+    metrics = {
+        "loss": ce + z,
+        "ce_deep": ce,
+        "z_loss": z,
+        "acc_deep": accuracy(deep_logits_BTV, targets_BT, weights_BT),
+    }
+    return ce + z, metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Model + loss
+# ---------------------------------------------------------------------------------------------
+
+
+def _model_kwargs(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """Packing features of a t5x batch, renamed to `T5.__call__`'s keywords."""
+    names = {
+        "encoder_segment_ids": "encoder_segment_ids_BS",
+        "decoder_segment_ids": "decoder_segment_ids_BT",
+        "encoder_positions": "encoder_positions_BS",
+        "decoder_positions": "decoder_positions_BT",
+    }
+    return {kw: batch[key] for key, kw in names.items() if key in batch}
+
+
+def compute_loss(
+    model_config: T5Config,
+    loss_config: LossConfig,
+    params,
+    batch: Mapping[str, jax.Array],
+    *,
+    rng: jax.Array | None = None,
+    deterministic: bool = True,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Runs the model teacher-forced on a t5x batch and returns (loss, metrics).
+
+    Args:
+      batch: `encoder_input_tokens` [B, S], `decoder_input_tokens` [B, T],
+        `decoder_target_tokens` [B, T], `decoder_loss_weights` [B, T] (optional; defaults to
+        target != pad), plus segment ids / positions when packed.
+      rng: dropout key; required when `deterministic` is false and the model has dropout.
+    """
+    c, num_layers, shallow = model_config, model_config.num_decoder_layers, None
+    targets_BT = batch["decoder_target_tokens"]
+    weights_BT = batch.get("decoder_loss_weights")
+    if weights_BT is None:
+        weights_BT = targets_BT != c.pad_token_id
+    if loss_config.kind == "free":
+        shallow = c.shallow_layer
+        teachers = teacher_layers(num_layers, shallow)
+        exit_layers = (shallow,)
+    elif loss_config.kind == "calm":
+        exit_layers = tuple(range(1, num_layers))
+    else:
+        exit_layers = ()
+
+    def forward(model: T5, enc_BS, dec_BT, kwargs):
+        out = model(
+            enc_BS, dec_BT, exit_layers=exit_layers, deterministic=deterministic,
+            return_hidden=loss_config.kind == "free", **kwargs,
+        )  # fmt: skip
+        if loss_config.kind != "free":
+            return out, None
+        # Students and teachers are compared after the shared final norm (and its dropout), as in
+        # the reference, so that KD acts on what the LM head reads.
+        layers = sorted(set(range(1, shallow + 1)) | set(teachers))
+        normed = {i: model.decoder.final(out.decoder_hidden[i - 1], deterministic) for i in layers}
+        return out, normed
+
+    rngs = {"dropout": rng} if rng is not None else {}
+    out, normed = T5(c).apply(
+        {"params": params},
+        batch["encoder_input_tokens"],
+        batch["decoder_input_tokens"],
+        _model_kwargs(batch),
+        method=forward,
+        rngs=rngs,
+    )
+    if loss_config.kind == "free":
+        return free_loss(
+            out.exit_logits[shallow], out.logits,
+            [normed[i] for i in range(1, shallow + 1)], [normed[i] for i in teachers],
+            targets_BT, weights_BT, shallow_layer=shallow, num_layers=num_layers,
+            alpha=loss_config.kd_alpha, alignment=loss_config.kd_alignment,
+            z_loss=loss_config.z_loss,
+        )  # fmt: skip
+    if loss_config.kind == "calm":
+        logits = {**out.exit_logits, num_layers: out.logits}
+        return calm_loss(
+            logits, targets_BT, weights_BT, shallow_layer=c.shallow_layer, z_loss=loss_config.z_loss
+        )
+    return ce_loss(out.logits, targets_BT, weights_BT, loss_config.z_loss)
+
+
+def exit_losses(
+    model_config: T5Config, params, batch: Mapping[str, jax.Array]
+) -> dict[str, jax.Array]:
+    """Deterministic CE and accuracy of every exit 1..L (validation): `ce_layer{l}`, `acc_layer{l}`.
+
+    Returns weighted sums and the weight total (`weight`) so that callers can add batches up
+    exactly before dividing.
+    """
+    c = model_config
+    num_layers = c.num_decoder_layers
+    out = T5(c).apply(
+        {"params": params},
+        batch["encoder_input_tokens"],
+        batch["decoder_input_tokens"],
+        exit_layers=tuple(range(1, num_layers)),
+        **_model_kwargs(batch),
+    )
+    targets_BT = batch["decoder_target_tokens"]
+    weights_BT = batch.get("decoder_loss_weights")
+    if weights_BT is None:
+        weights_BT = targets_BT != c.pad_token_id
+    weights_BT = weights_BT.astype(jnp.float32)
+    sums = {"weight": jnp.sum(weights_BT)}
+    for layer, logits in {**out.exit_logits, num_layers: out.logits}.items():
+        ce_BT, _ = token_cross_entropy(logits, targets_BT)
+        right_BT = (jnp.argmax(logits, -1) == targets_BT).astype(jnp.float32)
+        sums[f"ce_layer{layer}"] = jnp.sum(ce_BT * weights_BT)
+        sums[f"acc_layer{layer}"] = jnp.sum(right_BT * weights_BT)
+    return sums

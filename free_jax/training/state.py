@@ -1,0 +1,193 @@
+"""Training state, its orbax checkpoints, and what evaluation needs from a MODEL_DIR.
+
+MODEL_DIR layout written by the trainer:
+
+    config.json         the T5Config (`T5Config.to_json()`), enough to rebuild the model
+    run.json            tokenizer path, loss, LoRA scale (when fine-tuned with LoRA), task
+    spm.model           a copy of the SentencePiece vocabulary, when training used one
+    checkpoints/<step>/ orbax: `state` (step, params, optimiser state, RNG) and `data` (the data
+                        iterator's position, JSON)
+    metrics.jsonl       one JSON object per logged step / evaluation
+    tb/                 TensorBoard event files (when tensorboardX is installed)
+
+    config, params, tokenizer_path = load_trained("runs/demo")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import struct
+
+from free_jax.models import T5Config
+
+CHECKPOINT_SUBDIR = "checkpoints"
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a step changes, plus the run's RNG.
+
+    Attributes:
+      step: int32 [] batches trained so far.
+      params: the trained tree: all T5 parameters, or only the LoRA adapters.
+      opt_state: the optax state of `params`.
+      rng: uint32 [2] the run's base key; step t's dropout uses fold_in(rng, t), so resuming needs
+        no RNG bookkeeping beyond the step.
+      frozen: the base T5 parameters under LoRA (never updated), else None.
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+    frozen: Any = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"step": self.step, "params": self.params, "opt_state": self.opt_state}
+        out["rng"] = self.rng
+        if self.frozen is not None:
+            out["frozen"] = self.frozen
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainState:
+        return cls(d["step"], d["params"], d["opt_state"], d["rng"], d.get("frozen"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint manager
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """How often and how many checkpoints to keep.
+
+    Attributes:
+      every: save every N steps (and always at the end of training).
+      keep: keep the latest K checkpoints ...
+      keep_best: ... and the best one by `best_metric` among evaluated checkpoints (0: none).
+      best_metric: a validation metric name in metrics.jsonl, e.g. "bleu" or "ce_layer8".
+      best_mode: "max" or "min".
+      async_save: write in a background thread while training goes on.
+    """
+
+    every: int = 1000
+    keep: int = 3
+    keep_best: int = 1
+    best_metric: str = "loss"
+    best_mode: str = "min"
+    async_save: bool = True
+
+
+def make_manager(model_dir, config: CheckpointConfig, read_only: bool = False):
+    """An orbax CheckpointManager over MODEL_DIR/checkpoints with items `state` and `data`."""
+    cm = ocp.checkpoint_managers
+    policies = [cm.LatestN(max(1, config.keep))]
+    if config.keep_best:
+        metric = config.best_metric
+        policies.append(
+            cm.BestN(
+                get_metric_fn=lambda m: m[metric],
+                # BestN keeps the tail of the sorted list; reverse puts the smallest last.
+                reverse=config.best_mode == "min",
+                n=config.keep_best,
+                keep_checkpoints_without_metrics=False,
+            )
+        )
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=cm.AnyPreservationPolicy(policies),
+        enable_async_checkpointing=config.async_save,
+        read_only=read_only,
+        create=not read_only,
+    )
+    directory = epath.Path(model_dir) / CHECKPOINT_SUBDIR
+    return ocp.CheckpointManager(directory, item_names=("state", "data"), options=options)
+
+
+def save_checkpoint(manager, state: TrainState, data_state: dict, metrics: dict | None = None):
+    step = int(jax.device_get(state.step))
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state.to_dict()), data=ocp.args.JsonSave(data_state)
+        ),
+        metrics=metrics,
+        force=True,
+    )
+
+
+def restore_checkpoint(manager, template: TrainState, step: int | None = None):
+    """(state shaped like `template`, data iterator state) at `step` (default: the latest)."""
+    step = manager.latest_step() if step is None else step
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+        template.to_dict(),
+    )
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()
+        ),
+    )
+    return TrainState.from_dict(restored.state), restored.data
+
+
+# ---------------------------------------------------------------------------------------------
+# MODEL_DIR metadata for evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+def write_run_files(model_dir, model_config: T5Config, run_info: dict) -> None:
+    """Writes config.json (the model) and run.json (`run_info`: tokenizer_path, ...) into MODEL_DIR."""
+    model_dir = epath.Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / "config.json").write_text(model_config.to_json())
+    (model_dir / "run.json").write_text(json.dumps(run_info, indent=2, sort_keys=True))
+
+
+def read_run_files(model_dir) -> tuple[T5Config, dict]:
+    model_dir = epath.Path(model_dir)
+    config_file = model_dir / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{config_file} not found: is {model_dir} a training MODEL_DIR?")
+    config = T5Config.from_json(config_file.read_text(), source=str(config_file))
+    run_file = model_dir / "run.json"
+    run = json.loads(run_file.read_text()) if run_file.exists() else {}
+    return config, run
+
+
+def load_trained(model_dir, step: int | None = None) -> tuple[T5Config, Any, str | None]:
+    """(config, params, tokenizer_path) of a trained MODEL_DIR, LoRA adapters already merged.
+
+    Args:
+      model_dir: a directory written by `free_jax.train`.
+      step: a checkpoint step; None picks the latest.
+    """
+    from free_jax.training.lora import merge_lora
+
+    config, run = read_run_files(model_dir)
+    manager = make_manager(model_dir, CheckpointConfig(keep_best=0), read_only=True)
+    steps = manager.all_steps()
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint under {epath.Path(model_dir) / CHECKPOINT_SUBDIR}")
+    if step is None:
+        step = max(steps)
+    elif step not in steps:
+        raise ValueError(f"no checkpoint for step {step} in {model_dir}; saved steps: {steps}")
+    # Only the parameters are needed: restore the state item without a target (plain dicts).
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    state = restored.state
+    params = state["params"]
+    if "frozen" in state:
+        params = merge_lora(state["frozen"], params, run["lora_scale"])
+    params = jax.tree.map(jnp.asarray, params)
+    manager.close()
+    return config, params, run.get("tokenizer_path")
