@@ -1,0 +1,421 @@
+"""Decoding speed of every decoder on one model and one input set, at several batch sizes.
+
+    python -m free_jax.benchmarks.decode [--preset t5-small] [--shallow S] [--max_decode_len 64]
+        [--batch_sizes 1 8] [--force_exit_rate 0.7] [--repeats 3] [--json PATH]
+    python -m free_jax.benchmarks.decode --preset t5-large --shallow 6 --dtype bfloat16   # a GPU
+
+Model: random weights of the preset's shape (no checkpoint is read), with EOS's output row zeroed
+so that no decoder stops early (a random model would end its sequences at arbitrary points, and
+tokens per second would then compare different amounts of work); every decoder produces
+`max_decode_len` tokens per example. Inputs: random source tokens, `--source_len` long.
+
+Forcing exits. Random weights are not confident in any useful way, so `--force_exit_rate p` picks
+each early-exit decoder's threshold, for each batch size, by bisection on its measured exit rate
+(threshold values are traced, so the search never recompiles): the threshold is set where about a
+fraction p of the tokens leaves early on that batch. The table reports the exit rate actually
+measured in the timed runs. Without the option the thresholds are `--threshold`.
+
+Columns: tokens/s (produced tokens over the median wall time of `--repeats` rounds after a warm-up
+call; each round times every decoder once, so load on a shared machine shifts all of them alike;
+the warm-up's extra time is reported apart as compile time), speedup over full greedy at the
+same batch size, exit rate p (tokens leaving before the last layer), and the decoder-compute bound:
+L / (S + (1 - p)(L - S)) for FREE (S = its shallow layer), L / k for static exit, L / (mean exit
+layer) for CALM, 1 for the full model; `bound_ratio` = speedup / bound. The bound counts decoder
+layers only; `bound+heads` is FREE's bound with the exit heads counted too (one LM head per token
+and one per deep pass, each worth head/layer layers as timed in the "step pieces" lines), which is
+what limits FREE when the vocabulary is large and the layers are small. Where torch and
+transformers are installed, Hugging Face's PyTorch greedy `generate` runs on the same weights
+(`hf_greedy`, at its faster of the default and a single intra-op thread).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from free_jax.decoding import confidence as conf_lib
+from free_jax.decoding import make_decoder, pass_widths
+from free_jax.models import T5, init_cache, param_shapes, preset
+
+DECODERS = ("greedy", "static", "calm", "free", "free_norecords", "free_lossless", "sample", "beam")
+DEFAULT_DECODERS = DECODERS[:6]
+EARLY_EXIT = ("calm", "free", "free_norecords", "free_lossless")
+FREE_LIKE = ("free", "free_norecords", "free_lossless")
+
+
+# ===================================================================== model and inputs
+
+
+def random_params(config, seed: int = 0, embedding_std: float = 0.3):
+    """Random weights of the config's shapes (numpy draws: no compile), EOS never predicted.
+
+    Norm scales are 1, kernels N(0, 1/fan_in), position biases N(0, 1), token embeddings
+    N(0, embedding_std^2). With T5's usual std 1 a random tied model only copies its input token
+    (every exit predicts it with the same confidence, so no threshold sets an exit rate); at 0.3
+    confidences vary from token to token. EOS's row of the output projection is zeroed: its logit
+    is then 0, below the largest logit of a random model.
+    """
+    rng = np.random.default_rng(seed)
+
+    def draw(path, shape):
+        name = jax.tree_util.keystr(path)
+        if "scale" in name:
+            return np.ones(shape.shape, np.float32)
+        if "token_embedder" in name:
+            std = embedding_std
+        else:
+            std = shape.shape[0] ** -0.5 if "kernel" in name else 1.0
+        return rng.normal(0.0, std, size=shape.shape).astype(np.float32)
+
+    params = jax.tree_util.tree_map_with_path(draw, param_shapes(config))
+    if config.tie_word_embeddings:
+        params["token_embedder"]["embedding"][config.eos_token_id] = 0.0
+    else:
+        params["decoder"]["logits_dense"]["kernel"][:, config.eos_token_id] = 0.0
+    return jax.tree_util.tree_map(
+        lambda x: jnp.asarray(x, config.weights_dtype), params
+    )  # fmt: skip
+
+
+def random_inputs(config, batch: int, source_len: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(1000 + seed)
+    return rng.integers(2, config.vocab_size, size=(batch, source_len)).astype(np.int32)
+
+
+# ============================================================================== timing
+
+
+def _timed_runs(fn, repeats: int):
+    """(first call seconds, median of `repeats` later calls, last result)."""
+    t0 = time.perf_counter()
+    result = jax.block_until_ready(fn())
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        result = jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return first, statistics.median(times), result
+
+
+def _exit_rate(result, num_layers: int) -> float:
+    exit_layer = np.asarray(result.exit_layer)
+    produced = exit_layer > 0
+    return float((produced & (exit_layer < num_layers)).sum() / max(produced.sum(), 1))
+
+
+def _bound(name: str, result, config, shallow: int, exit_layer: int) -> float:
+    num_layers = config.num_decoder_layers
+    p = _exit_rate(result, num_layers)
+    if name in FREE_LIKE:
+        return num_layers / (shallow + (1 - p) * (num_layers - shallow))
+    if name == "static":
+        return num_layers / exit_layer
+    if name == "calm":
+        exit_layer_BN = np.asarray(result.exit_layer)
+        return num_layers / float(exit_layer_BN[exit_layer_BN > 0].mean())
+    return 1.0
+
+
+def calibrate(decoder, params, enc, target: float, num_layers: int, iterations: int = 6):
+    """A threshold whose measured exit rate on `enc` is close to `target` (bisection).
+
+    The bracket spans the confidences of a run where nothing exits and one where everything exits
+    at the first chance (CALM reports the exit layer's confidence, so both are needed).
+    """
+    conf = []
+    for threshold in (2.0, -1.0):  # margins lie in [0, 1]
+        probe = decoder(params, enc, threshold)
+        conf.append(np.asarray(probe.confidence)[np.asarray(probe.exit_layer) > 0])
+    conf = np.concatenate(conf)
+    lo, hi = float(conf.min()) - 1e-9, float(conf.max())
+    best, best_gap = hi, np.inf
+    for _ in range(iterations):
+        mid = 0.5 * (lo + hi)
+        rate = _exit_rate(decoder(params, enc, mid), num_layers)
+        if abs(rate - target) < best_gap:
+            best, best_gap = mid, abs(rate - target)
+        if rate > target:
+            lo = mid
+        else:
+            hi = mid
+    return best
+
+
+def hf_greedy_runner(config, params, enc: np.ndarray, max_decode_len: int):
+    """A no-argument function running HF greedy `generate` on the same weights -> tokens [B, N]
+    (numpy), or None without torch/transformers. The thread count is chosen here: PyTorch's
+    intra-op threads fight for cores on a busy machine, so the default count and a single thread
+    are both tried and the faster kept (the peer gets its best configuration)."""
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        return None
+    from free_jax.checkpoints.hf import save_hf
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
+    with tempfile.TemporaryDirectory() as directory:
+        save_hf(directory, config.replace(dtype="float32"), params)
+        model = transformers.T5ForConditionalGeneration.from_pretrained(directory, dtype=dtype)
+    model = model.to(device).eval()
+    ids = torch.tensor(enc, device=device)
+
+    def run():
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids, attention_mask=ids != 0, max_new_tokens=max_decode_len,
+                do_sample=False, num_beams=1, use_cache=True,
+            )  # fmt: skip
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out[:, 1:].cpu().numpy()
+
+    timings = {}
+    for threads in sorted({torch.get_num_threads(), 1}, reverse=True):
+        torch.set_num_threads(threads)
+        run()  # warm-up
+        timings[threads] = _timed_runs(run, 1)[1]
+    threads = min(timings, key=timings.get)
+    torch.set_num_threads(threads)
+    run.threads = threads
+    return run
+
+
+# ====================================================================== components
+
+
+def component_times(config, params, enc: np.ndarray, window: int, repeats: int = 20) -> dict:
+    """Milliseconds of one decoding step's pieces at this batch size (jitted, median of repeats).
+
+    `layer`: one decoder layer on one position; `head`: the exit head with its confidence (the
+    shared final norm, the LM head, softmax top-1 minus top-2); `deep[C]`: the deep layers [S, L)
+    on a chunk of C positions, C in FREE's pass widths. They explain the table: the LM head is
+    paid at every exit FREE or CALM tests, and a pass over C positions costs deep[C].
+    """
+    model = T5(config)
+    b, shallow, num_layers = enc.shape[0], config.shallow_layer, config.num_decoder_layers
+    enc = jnp.asarray(enc)
+
+    def layers_fn(start, end):
+        def run(p, hidden, cross):
+            return model.apply(
+                {"params": p}, hidden, start=start, end=end, cache=init_cache(config, b, 128),
+                cross=cross, encoder_mask_BS=enc != 0, offset_B=jnp.full((b,), 60, jnp.int32),
+                method=T5.decode_layers,
+            )[0]  # fmt: skip
+
+        return jax.jit(run)
+
+    def ms(fn, *args):
+        jax.block_until_ready(fn(*args))
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times.append(time.perf_counter() - t0)
+        return 1000 * statistics.median(times)
+
+    cross = jax.jit(
+        lambda p: model.apply(
+            {"params": p}, model.apply({"params": p}, enc, method=T5.encode),
+            method=T5.precompute_cross,
+        )
+    )(params)  # fmt: skip
+    hidden = lambda c: jnp.ones((b, c, config.d_model), config.compute_dtype)
+    head = jax.jit(
+        lambda p, h: conf_lib.softmax_margin(model.apply({"params": p}, h, method=T5.exit_logits))
+    )
+    return {
+        "layer": ms(layers_fn(0, 1), params, hidden(1), cross),
+        "head": ms(head, params, hidden(1)[:, 0]),
+        "deep": {
+            c: ms(layers_fn(shallow, num_layers), params, hidden(c), cross)
+            for c in pass_widths(window)
+        },
+    }
+
+
+# ================================================================================= run
+
+
+def _decoder_for(config, name: str, args, static_k: int):
+    kw = dict(max_decode_len=args.max_decode_len)
+    method = name
+    if name == "static":
+        kw["exit_layer"] = static_k
+    if name == "calm":
+        kw["exit_layer"] = config.shallow_layer
+    if name in FREE_LIKE:
+        kw["window"] = args.window
+    if name == "free_norecords":
+        method, kw["records"] = "free", False
+    if name == "sample":
+        kw["top_k"] = 50
+    if name == "beam":
+        kw["beam_size"] = 4
+    return make_decoder(config, method=method, **kw)
+
+
+def run(args) -> tuple[list[dict], dict]:
+    overrides = dict(dropout_rate=0.0, dtype=args.dtype)
+    if args.shallow is not None:
+        overrides["shallow_exit_layer"] = args.shallow
+    config = preset(args.preset, **overrides)
+    num_layers, shallow = config.num_decoder_layers, config.shallow_layer
+    static_k = args.static_layer or shallow
+    params = random_params(config, args.seed, args.embedding_std)
+    enc_all = random_inputs(config, max(args.batch_sizes), args.source_len, args.seed)
+    decoder_for = lambda name: _decoder_for(config, name, args, static_k)
+
+    records, components = [], {}
+    for batch in args.batch_sizes:
+        enc = enc_all[:batch]
+        thresholds = {name: args.threshold for name in EARLY_EXIT}
+        if args.force_exit_rate is not None:
+            for name in ("calm", "free", "free_lossless"):
+                if name in args.decoders or (name == "free" and "free_norecords" in args.decoders):
+                    thresholds[name] = calibrate(
+                        decoder_for(name), params, enc, args.force_exit_rate, num_layers
+                    )
+            thresholds["free_norecords"] = thresholds["free"]  # the same exit decisions
+        parts = components[batch] = component_times(config, params, enc, args.window)
+        runners = {}
+        for name in args.decoders:
+            decoder, thr = decoder_for(name), thresholds.get(name)
+            extra = {"rng": jax.random.key(0)} if name == "sample" else {}
+            runners[name] = lambda d=decoder, t=thr, x=extra, e=enc: d(params, e, t, **x)
+        hf_run = hf_greedy_runner(config, params, enc, args.max_decode_len) if args.hf else None
+        if hf_run is not None:
+            runners["hf_greedy"] = hf_run
+        # Warm-up (compiles), then rounds that time every decoder once each: load on a shared
+        # machine then shifts all decoders alike and the medians stay comparable.
+        first, results, times = {}, {}, {name: [] for name in runners}
+        for name, fn in runners.items():
+            t0 = time.perf_counter()
+            results[name] = jax.block_until_ready(fn())
+            first[name] = time.perf_counter() - t0
+        for _ in range(args.repeats):
+            for name, fn in runners.items():
+                t0 = time.perf_counter()
+                jax.block_until_ready(fn())
+                times[name].append(time.perf_counter() - t0)
+        median = {name: statistics.median(ts) for name, ts in times.items()}
+        base_tps = int(np.asarray(results["greedy"].lengths).sum()) / median["greedy"]
+        h = parts["head"] / parts["layer"]  # an exit head, in layers
+        for name in runners:
+            if name == "hf_greedy":
+                hf_tokens = results[name]
+                tps = hf_tokens.size / median[name]
+                greedy_tokens = np.asarray(results["greedy"].tokens)
+                records.append(
+                    dict(
+                        decoder=name,
+                        batch_size=batch,
+                        tokens_per_s=tps,
+                        speedup_vs_full=tps / base_tps,
+                        exit_rate=0.0,
+                        bound=1.0,
+                        bound_ratio=tps / base_tps,
+                        median_s=median[name],
+                        compile_s=max(first[name] - median[name], 0.0),
+                        threshold=None,
+                        tokens=int(hf_tokens.size),
+                        torch_threads=hf_run.threads,
+                        same_tokens_as_greedy=float(np.mean(hf_tokens == greedy_tokens)),
+                    )  # fmt: skip
+                )
+                continue
+            result = results[name]
+            tokens = int(np.asarray(result.lengths).sum())
+            tps = tokens / median[name]
+            p = _exit_rate(result, num_layers)
+            bound = _bound(name, result, config, shallow, static_k)
+            record = dict(
+                decoder=name, batch_size=batch, tokens_per_s=tps,
+                speedup_vs_full=tps / base_tps, exit_rate=p, bound=bound,
+                bound_ratio=tps / base_tps / bound, median_s=median[name],
+                compile_s=max(first[name] - median[name], 0.0), threshold=thresholds.get(name),
+                tokens=tokens,
+                layers_per_token=float(np.asarray(result.layers_computed).sum()) / tokens,
+                deep_passes=int(np.asarray(result.num_deep_passes).sum()),
+            )  # fmt: skip
+            if name in FREE_LIKE:
+                # the same bound with the exit heads counted: one per token, one per deep pass
+                record["bound_with_heads"] = (num_layers + h) / (
+                    shallow + h + (1 - p) * (num_layers - shallow + h)
+                )
+            records.append(record)
+    return records, components
+
+
+def format_table(records: list[dict], components: dict) -> str:
+    head = (
+        f"{'decoder':<15}{'batch':>6}{'tok/s':>9}{'speedup':>9}{'exit p':>8}{'bound':>7}"
+        f"{'ratio':>7}{'bound+heads':>12}{'compile s':>10}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in records:
+        with_heads = r.get("bound_with_heads")
+        lines.append(
+            f"{r['decoder']:<15}{r['batch_size']:>6}{r['tokens_per_s']:>9.1f}"
+            f"{r['speedup_vs_full']:>9.2f}{r['exit_rate']:>8.2f}{r['bound']:>7.2f}"
+            f"{r['bound_ratio']:>7.2f}"
+            + (f"{with_heads:>12.2f}" if with_heads else f"{'':>12}")
+            + f"{r['compile_s']:>10.1f}"
+        )
+    lines.append("")
+    for batch, parts in components.items():
+        deep = ", ".join(f"C={c}: {t:.2f}" for c, t in parts["deep"].items())
+        lines.append(
+            f"batch {batch} step pieces (ms): one layer {parts['layer']:.2f}, exit head "
+            f"{parts['head']:.2f}, deep layers [S, L) {deep}"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="t5-small")
+    parser.add_argument("--shallow", type=int, default=None, help="FREE's S (default L/4)")
+    parser.add_argument("--static_layer", type=int, default=None, help="static exit k (default S)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--max_decode_len", type=int, default=64)
+    parser.add_argument("--source_len", type=int, default=64)
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--window", type=int, default=8)
+    parser.add_argument("--decoders", nargs="+", default=list(DEFAULT_DECODERS), choices=DECODERS)
+    parser.add_argument("--force_exit_rate", type=float, default=None)
+    parser.add_argument("--threshold", type=float, default=0.9)
+    parser.add_argument("--embedding_std", type=float, default=0.3)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no_hf", dest="hf", action="store_false")
+    parser.add_argument("--json", default=None, help="write one record per decoder and batch")
+    args = parser.parse_args(argv)
+    # full greedy first: the baseline every ratio refers to
+    args.decoders = ["greedy", *[d for d in args.decoders if d != "greedy"]]
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    records, components = run(args)
+    print(f"device: {jax.devices()[0].device_kind}, {os.cpu_count()} CPU cores; {args.preset}")
+    print(format_table(records, components))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

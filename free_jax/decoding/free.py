@@ -1,0 +1,307 @@
+"""FREE's synchronized parallel decoding (Bae et al. 2023), its rollback policy, and lossless mode.
+
+Each step runs the shallow layers [0, S) for every example and tests the shallow exit:
+* confident (confidence > threshold): the token comes from the shallow exit and the layer-S input
+  hidden state of its position is pushed on the example's stack;
+* otherwise the deep layers [S, L) run once over the stacked positions plus the current one, in
+  parallel and causally masked, writing exact deep key/values for all of them; the deep exit gives
+  the current token; the stack empties.
+
+The deep layers see at a stacked position exactly the layer-S input a full forward pass would
+compute there, so after a pass the deep caches equal those of running every token through every
+layer (tested). A pass covers at most W positions (the window): W - 1 stacked plus the current one,
+so a stack holding W - 1 positions forces a pass.
+
+Batching. The pass runs for the whole batch or not at all; when it runs every unfinished example
+flushes its stack in it (the pass costs the same) and an example that was confident keeps its
+shallow token. The pass runs at the smallest static width in (1, 2, 4, ..., W) covering the
+largest stack in the batch (`lax.switch`): it pays for the width it is given, not the window.
+
+Worked example (W = 4, one example, c = confident, d = not):
+    step:      0   1   2   3   4   5   6
+    decision:  c   c   d   c   c   c   c
+    stack:     1   2   0   1   2   3→0 1      step 5 holds W - 1 = 3 stacked: forced pass of 4
+    pass:      -   -   3   -   -   4   -      positions 0..2, then 3..5 (5 keeps its shallow token)
+
+Modes (static):
+  "plain"     FREE as published, without rollback.
+  "rollback"  FREE's rollback policy, as in the reference `deploying_t5.py`: after a pass, the first
+              shallow-emitted position whose deep cross-entropy on the shallow token exceeds
+              `rollback_threshold` takes the deep token, and decoding resumes after it (later
+              positions are discarded and redone).
+  "lossless"  every shallow-emitted token that differs from the deep argmax at its position is
+              rejected the same way; the output equals full-model greedy at any threshold.
+In the two verifying modes a shallow EOS or a token at the maximum length forces a pass, so no
+token is final before the deep layers have checked it. Rejections are taken in position order, so a
+batch decodes to the same tokens as each example alone.
+
+Records: every position a pass covers yields (shallow confidence, shallow argmax == deep argmax),
+stored by position in `AgreementRecords` (the current position is included; the reference records
+a pass only when its stack is non-empty). Positions discarded by a rollback lose their records.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from free_jax.decoding import confidence as conf_lib
+from free_jax.decoding.state import (
+    AgreementRecords,
+    DecodeResult,
+    FreeState,
+    TokenLog,
+    encode,
+    resolve_max_lengths,
+    result_from_log,
+    run_layers,
+)
+from free_jax.models import T5, T5Config, init_cache
+
+MODES = ("plain", "rollback", "lossless")
+
+
+def pass_widths(window: int) -> tuple[int, ...]:
+    """Static widths of the deep pass: powers of two below the window, then the window.
+
+    >>> pass_widths(8), pass_widths(6), pass_widths(1)
+    ((1, 2, 4, 8), (1, 2, 4, 6), (1,))
+    """
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    widths, w = [], 1
+    while w < window:
+        widths.append(w)
+        w *= 2
+    return (*widths, window)
+
+
+def _take_rows(a_BN: jax.Array, idx_BM: jax.Array) -> jax.Array:
+    """a_BN[b, idx_BM[b, m]] with indices clipped into range."""
+    return jnp.take_along_axis(a_BN, jnp.clip(idx_BM, 0, a_BN.shape[1] - 1), axis=1)
+
+
+def free_loop(
+    config: T5Config,
+    params,
+    encoder_tokens_BS: jax.Array,
+    threshold,
+    *,
+    max_decode_len: int,
+    window: int = 8,
+    measure: str = "softmax_margin",
+    mode: str = "plain",
+    rollback_threshold=jnp.inf,
+    position_temp=0.0,
+    max_lengths_B=None,
+    confidence_params=None,
+    records: bool = True,
+) -> FreeState:
+    """Runs FREE to the end and returns the final loop state (caches included); see the module doc.
+
+    Args:
+      config, params: the model; S = config.shallow_layer.
+      encoder_tokens_BS: [B, S] int32, 0 is padding.
+      threshold: traced scalar; a token exits when its shallow confidence > threshold.
+      max_decode_len: N, static.
+      window: W, static: most positions in one deep pass.
+      measure: shallow confidence measure (see `confidence.py`).
+      mode: "plain", "rollback" or "lossless" (static).
+      rollback_threshold: traced; "rollback" rejects a shallow token whose deep cross-entropy
+        exceeds it.
+      position_temp: traced; CALM-style threshold decay over positions (0: none).
+      max_lengths_B: optional [B] per-example maximum lengths.
+      confidence_params: `ConfidenceHead` parameters for measure "learned".
+      records: static; keep the agreement records. Without them (and in "plain" mode) the deep
+        exit reads only each example's current position, which makes a pass cheaper where the LM
+        head is costly (large vocabularies on CPU).
+    """
+    conf_lib.check_measure(measure)
+    if mode not in MODES:
+        raise ValueError(f"unknown FREE mode {mode!r}; expected one of {MODES}")
+    verify = mode != "plain"
+    model = T5(config).bind({"params": params})
+    ctx = encode(model, encoder_tokens_BS)
+    b, n, w = encoder_tokens_BS.shape[0], max_decode_len, window
+    num_layers, shallow = config.num_decoder_layers, config.shallow_layer
+    widths = pass_widths(w)
+    max_len_B = resolve_max_lengths(max_lengths_B, b, n)
+    rows_W = jnp.arange(w, dtype=jnp.int32)
+
+    current_only = mode == "plain" and not records
+
+    def deep_pass(width: int):
+        def run(chunk_BWD, proposed_BW, start_B, cache, stack_len_B):
+            hidden_BCD, cache = model.decode_layers(
+                chunk_BWD[:, :width], start=shallow, end=num_layers, cache=cache,
+                cross=ctx.cross, encoder_mask_BS=ctx.encoder_mask_BS, offset_B=start_B,
+            )  # fmt: skip
+            if current_only:  # one row per example: the current position's deep token
+                row_B11 = jnp.minimum(stack_len_B, width - 1)[:, None, None]
+                hidden_BD = jnp.take_along_axis(hidden_BCD, row_B11, axis=1)[:, 0]
+                deep_B = jnp.argmax(model.exit_logits(hidden_BD), axis=-1).astype(jnp.int32)
+                deep_BW = jnp.where(rows_W[None, :] == stack_len_B[:, None], deep_B[:, None], 0)
+                return deep_BW, jnp.zeros((b, w), jnp.float32), cache
+            logits_BCV = model.exit_logits(hidden_BCD)
+            deep_BC = jnp.argmax(logits_BCV, axis=-1).astype(jnp.int32)
+            if mode == "rollback":
+                picked_BC = jnp.take_along_axis(logits_BCV, proposed_BW[:, :width, None], axis=-1)[
+                    ..., 0
+                ]
+                nll_BC = jax.nn.logsumexp(logits_BCV, axis=-1) - picked_BC
+            else:
+                nll_BC = jnp.zeros(deep_BC.shape, jnp.float32)
+            pad = lambda x: jnp.pad(x, ((0, 0), (0, w - width)))
+            return pad(deep_BC), pad(nll_BC), cache
+
+        return run
+
+    def no_pass(chunk_BWD, proposed_BW, start_B, cache, stack_len_B):
+        return jnp.zeros((b, w), jnp.int32), jnp.zeros((b, w), jnp.float32), cache
+
+    branches = [no_pass] + [deep_pass(width) for width in widths]
+
+    def body(s: FreeState) -> FreeState:
+        active_B = ~s.done_B
+        # ---------------------------------------------------------- shallow
+        h0_B1D = model.embed_decoder(s.last_token_B[:, None])
+        hidden_B1D, prev_B1D, cache = run_layers(
+            model, h0_B1D, 0, shallow, cache=s.cache, ctx=ctx, offset_B=s.pos_B,
+            need_prev=measure == "hidden_cosine",
+        )  # fmt: skip
+        logits_BV, conf_B = conf_lib.exit_confidence(
+            model, measure, hidden_B1D[:, 0],
+            None if prev_B1D is None else prev_B1D[:, 0], confidence_params,
+        )  # fmt: skip
+        shallow_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+        threshold_B = conf_lib.decayed_threshold(threshold, s.pos_B + 1, n, position_temp)
+        exit_B = conf_lib.exits(conf_B, threshold_B)
+
+        # ------------------------------------------------ does the batch go deep?
+        rows_B = s.stack_len_B + 1  # stacked positions plus the current one
+        force_B = rows_B >= w
+        if verify:  # nothing becomes final unchecked
+            force_B |= (shallow_B == config.eos_token_id) | (s.pos_B + 1 >= max_len_B)
+        need_B = active_B & (~exit_B | force_B)
+        start_B = s.pos_B - s.stack_len_B
+        is_cur_BW = rows_W[None, :] == s.stack_len_B[:, None]
+        row_pos_BW = start_B[:, None] + rows_W[None, :]
+        proposed_BW = jnp.where(is_cur_BW, shallow_B[:, None], _take_rows(s.log.tokens, row_pos_BW))
+        row_conf_BW = jnp.where(
+            is_cur_BW, conf_B[:, None], _take_rows(s.log.confidence, row_pos_BW)
+        )
+        chunk_BWD = jnp.where(is_cur_BW[:, :, None], hidden_B1D, s.stack_BWD)
+        widest = jnp.max(jnp.where(active_B, rows_B, 1))
+        width_index = jnp.searchsorted(jnp.asarray(widths, jnp.int32), widest, side="left")
+        branch = jnp.where(jnp.any(need_B), 1 + width_index, 0)
+        deep_BW, nll_BW, cache = jax.lax.switch(
+            branch, branches, chunk_BWD, proposed_BW, start_B, cache, s.stack_len_B
+        )
+        ran = branch > 0
+        part_B = active_B & ran
+
+        # ------------------------------------------ accept, reject, emit
+        in_pass_BW = part_B[:, None] & (rows_W[None, :] < rows_B[:, None])
+        shallow_row_BW = (rows_W[None, :] < s.stack_len_B[:, None]) | (is_cur_BW & exit_B[:, None])
+        candidate_BW = in_pass_BW & shallow_row_BW
+        if mode == "lossless":
+            reject_BW = candidate_BW & (deep_BW != proposed_BW)
+        elif mode == "rollback":
+            reject_BW = candidate_BW & (nll_BW > jnp.asarray(rollback_threshold, jnp.float32))
+        else:
+            reject_BW = jnp.zeros_like(candidate_BW)
+        reject_B = jnp.any(reject_BW, axis=1)
+        final_row_B = jnp.where(reject_B, jnp.argmax(reject_BW, axis=1), s.stack_len_B)
+        final_pos_B = start_B + final_row_B
+        take_final = lambda a_BW: jnp.take_along_axis(a_BW, final_row_B[:, None], axis=1)[:, 0]
+        deep_final_B = take_final(deep_BW)
+        shallow_token_B = exit_B & ~reject_B
+        token_B = jnp.where(shallow_token_B, shallow_B, deep_final_B)
+        token_exit_B = jnp.where(shallow_token_B, shallow, num_layers)
+        log = s.log.write(final_pos_B, active_B, token_B, token_exit_B, take_final(row_conf_BW))
+
+        # records of every position the pass covered, laid out by position
+        offset_BN = jnp.arange(n, dtype=jnp.int32)[None, :] - start_B[:, None]
+        covered_BN = part_B[:, None] & (offset_BN >= 0) & (offset_BN < rows_B[:, None])
+        by_pos = lambda a_BW: _take_rows(a_BW, offset_BN)
+        if records:
+            new_records = AgreementRecords(
+                confidence=jnp.where(covered_BN, by_pos(row_conf_BW), s.records.confidence),
+                agree=jnp.where(covered_BN, by_pos(deep_BW == proposed_BW), s.records.agree),
+                valid=s.records.valid | covered_BN,
+            )
+        else:
+            new_records = s.records
+        # a rejection discards every later position
+        keep_BN = ~(
+            reject_B[:, None] & (jnp.arange(n, dtype=jnp.int32)[None, :] > final_pos_B[:, None])
+        )
+        log = TokenLog(
+            tokens=log.tokens * keep_BN,
+            exit_layer=log.exit_layer * keep_BN,
+            confidence=log.confidence * keep_BN,
+        )
+        new_records = AgreementRecords(
+            confidence=new_records.confidence * keep_BN,
+            agree=new_records.agree & keep_BN,
+            valid=new_records.valid & keep_BN,
+        )
+
+        push_B = active_B & ~ran  # everyone was confident and nothing forced a pass
+        active_i, part_i = active_B.astype(jnp.int32), part_B.astype(jnp.int32)
+        finished_B = (token_B == config.eos_token_id) | (final_pos_B + 1 >= max_len_B)
+        return FreeState(
+            pos_B=jnp.where(active_B, final_pos_B + 1, s.pos_B),
+            last_token_B=jnp.where(active_B, token_B, s.last_token_B),
+            cache=cache,
+            stack_BWD=chunk_BWD,  # the current position sits in slot stack_len already
+            stack_len_B=jnp.where(part_B, 0, s.stack_len_B + push_B.astype(jnp.int32)),
+            log=log,
+            records=new_records,
+            done_B=s.done_B | (active_B & finished_B),
+            deep_B=s.deep_B + part_i,
+            layers_B=s.layers_B + shallow * active_i + (num_layers - shallow) * part_i,
+            rollbacks_B=s.rollbacks_B + (reject_B & active_B).astype(jnp.int32),
+            batch_layers=s.batch_layers + shallow + (num_layers - shallow) * ran.astype(jnp.int32),
+            iterations=s.iterations + 1,
+        )
+
+    # Each pass makes at least its first covered position final, and at most W - 1 steps run
+    # between passes, so N * W iterations always suffice.
+    max_iterations = n * w + 1
+    state = FreeState(
+        pos_B=jnp.zeros((b,), jnp.int32),
+        last_token_B=jnp.full((b,), config.decoder_start_token_id, jnp.int32),
+        cache=init_cache(config, b, n + w),  # slack: a pass near the end writes up to W rows
+        stack_BWD=jnp.zeros((b, w, config.d_model), config.compute_dtype),
+        stack_len_B=jnp.zeros((b,), jnp.int32),
+        log=TokenLog.empty(b, n),
+        records=AgreementRecords.empty(b, n),
+        done_B=max_len_B <= 0,
+        deep_B=jnp.zeros((b,), jnp.int32),
+        layers_B=jnp.zeros((b,), jnp.int32),
+        rollbacks_B=jnp.zeros((b,), jnp.int32),
+        batch_layers=jnp.zeros((), jnp.int32),
+        iterations=jnp.zeros((), jnp.int32),
+    )
+    cond = lambda s: ~jnp.all(s.done_B) & (s.iterations < max_iterations)
+    return jax.lax.while_loop(cond, body, state)
+
+
+def free_decode(config: T5Config, params, encoder_tokens_BS, threshold, **kw) -> DecodeResult:
+    """FREE decoding; options as in `free_loop`. Returns a `DecodeResult` with records."""
+    final = free_loop(config, params, encoder_tokens_BS, threshold, **kw)
+    return result_from_log(
+        final.log,
+        num_deep_passes=final.deep_B,
+        layers_computed=final.layers_B,
+        batch_layers_computed=final.batch_layers,
+        num_steps=final.iterations,
+        records=final.records,
+        num_rollbacks=final.rollbacks_B,
+    )
+
+
+def free_lossless_decode(config: T5Config, params, encoder_tokens_BS, threshold, **kw):
+    """FREE in lossless mode: equals full-model greedy at any threshold."""
+    return free_decode(config, params, encoder_tokens_BS, threshold, mode="lossless", **kw)

@@ -1,0 +1,359 @@
+"""Loop states and results of every decoder, plus the small helpers they share.
+
+Every decoder is a `jax.lax.while_loop` over one of the `flax.struct.dataclass` states below; shapes
+never change inside the loop. Dimension keys: B batch, S source length, N `max_decode_len` (the
+output length), T cache length (N plus slack), W FREE's window, D model width, K beams.
+
+Output layout, shared by all decoders (position n holds the n-th token after the decoder start):
+
+    tokens       [B, N]  int32   the tokens; 0 (pad) after EOS and after an example's max length
+    exit_layer   [B, N]  int32   decoder layers behind each token (0 where there is no token)
+    confidence   [B, N]  float32 the confidence each exit decision looked at (0 where no token)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from free_jax.models import T5, CrossKV, DecoderCache
+
+# ============================================================== results
+
+
+@struct.dataclass
+class AgreementRecords:
+    """FREE's calibration data: one record per position that the deep layers verified.
+
+    A record at position n says how confident the shallow exit was there and whether the shallow
+    and deep predictions agreed (the adaptive threshold is fitted on these pairs).
+
+    Attributes:
+      confidence: [B, N] float32 shallow confidence at each position.
+      agree: [B, N] bool, shallow argmax == deep argmax.
+      valid: [B, N] bool, true where a deep pass produced a record.
+    """
+
+    confidence: jax.Array
+    agree: jax.Array
+    valid: jax.Array
+
+    @classmethod
+    def empty(cls, batch: int, length: int) -> AgreementRecords:
+        return cls(
+            confidence=jnp.zeros((batch, length), jnp.float32),
+            agree=jnp.zeros((batch, length), bool),
+            valid=jnp.zeros((batch, length), bool),
+        )
+
+    def pairs(self):
+        """Flat numpy (confidence, agree) arrays of the valid records, for calibration."""
+        import numpy as np
+
+        valid = np.asarray(self.valid)
+        return np.asarray(self.confidence)[valid], np.asarray(self.agree)[valid]
+
+
+@struct.dataclass
+class DecodeResult:
+    """What every decoder returns.
+
+    Attributes:
+      tokens: [B, N] int32 tokens after the decoder start token; 0 after EOS.
+      exit_layer: [B, N] int32 number of decoder layers behind each token (L for the full model,
+        k for static exit, the exit layer for CALM, S or L for FREE); 0 where there is no token.
+      confidence: [B, N] float32 the confidence the exit rule looked at for each token (FREE: the
+        shallow exit's; CALM: the exit layer's; greedy/static: the exit's); 0 where no token.
+      lengths: [B] int32 tokens produced, EOS included.
+      num_deep_passes: [B] int32 times the deep layers ran for this example (greedy: every token;
+        CALM: tokens that reached the last layer; FREE: parallel passes it took part in).
+      layers_computed: [B] int32 decoder layers run for this example, a parallel pass over several
+        positions counting once per layer (CALM's copied key/values are not counted).
+      batch_layers_computed: [] int32 decoder layers the batch ran as a whole (a layer run for
+        any example counts once): the compute actually spent.
+      num_steps: [] int32 loop iterations.
+      records: FREE's `AgreementRecords` (all invalid for the other decoders).
+      num_rollbacks: [B] int32 FREE rollbacks (rejected shallow tokens); 0 elsewhere.
+    """
+
+    tokens: jax.Array
+    exit_layer: jax.Array
+    confidence: jax.Array
+    lengths: jax.Array
+    num_deep_passes: jax.Array
+    layers_computed: jax.Array
+    batch_layers_computed: jax.Array
+    num_steps: jax.Array
+    records: AgreementRecords
+    num_rollbacks: jax.Array
+
+    def exit_rate(self, deep_layer: int):
+        """Fraction of produced tokens whose exit layer is below `deep_layer` (numpy float)."""
+        import numpy as np
+
+        exit_layer = np.asarray(self.exit_layer)
+        produced = exit_layer > 0
+        return float((produced & (exit_layer < deep_layer)).sum() / max(produced.sum(), 1))
+
+
+@struct.dataclass
+class BeamResult:
+    """Beam search output: the best beam in `DecodeResult` layout plus every beam.
+
+    Attributes:
+      tokens: [B, N] int32 the best beam by length-normalised log-probability.
+      exit_layer, confidence, lengths, num_deep_passes, layers_computed, batch_layers_computed,
+        num_steps: as in `DecodeResult` (confidence is the token's log-probability).
+      beam_tokens: [B, K, N] int32 every beam, best first.
+      beam_scores: [B, K] float32 length-normalised scores, best first.
+    """
+
+    tokens: jax.Array
+    exit_layer: jax.Array
+    confidence: jax.Array
+    lengths: jax.Array
+    num_deep_passes: jax.Array
+    layers_computed: jax.Array
+    batch_layers_computed: jax.Array
+    num_steps: jax.Array
+    beam_tokens: jax.Array
+    beam_scores: jax.Array
+
+
+# ================================================================ states
+
+
+@struct.dataclass
+class TokenLog:
+    """The per-position outputs being filled in: see the module docstring for the layout.
+
+    Attributes:
+      tokens: [B, N] int32.
+      exit_layer: [B, N] int32.
+      confidence: [B, N] float32.
+    """
+
+    tokens: jax.Array
+    exit_layer: jax.Array
+    confidence: jax.Array
+
+    @classmethod
+    def empty(cls, batch: int, length: int) -> TokenLog:
+        return cls(
+            tokens=jnp.zeros((batch, length), jnp.int32),
+            exit_layer=jnp.zeros((batch, length), jnp.int32),
+            confidence=jnp.zeros((batch, length), jnp.float32),
+        )
+
+    def write(self, pos_B, write_B, token_B, exit_layer_B, confidence_B) -> TokenLog:
+        """Writes each example's token at its position `pos_B[b]` where `write_B[b]`.
+
+        >>> log = TokenLog.empty(2, 3).write(jnp.array([0, 2]), jnp.array([True, False]),
+        ...     jnp.array([7, 8]), jnp.array([4, 4]), jnp.array([.5, .5]))
+        >>> log.tokens
+        Array([[7, 0, 0],
+               [0, 0, 0]], dtype=int32)
+        """
+        hit_BN = position_mask(pos_B, self.tokens.shape[1]) & write_B[:, None]
+        put = lambda old, new: jnp.where(hit_BN, new[:, None].astype(old.dtype), old)
+        return TokenLog(
+            tokens=put(self.tokens, token_B),
+            exit_layer=put(self.exit_layer, exit_layer_B),
+            confidence=put(self.confidence, confidence_B),
+        )
+
+    def lengths(self) -> jax.Array:
+        """[B] tokens produced: positions with a nonzero exit layer."""
+        return jnp.sum(self.exit_layer > 0, axis=1).astype(jnp.int32)
+
+
+@struct.dataclass
+class SingleExitState:
+    """Greedy / sampling / static-exit loop: one exit, every example at the same position.
+
+    Attributes:
+      step: [] int32 position being decoded.
+      last_token_B: [B] int32 the decoder input at `step` (start token, then the last output).
+      cache: `DecoderCache` of [B, H, T, K] per layer (only the layers below the exit).
+      log: `TokenLog` of [B, N] outputs.
+      done_B: [B] bool, finished (EOS emitted or max length reached).
+      batch_layers: [] int32 layers run for the batch.
+      layers_B: [B] int32 layers run per example while it was unfinished.
+    """
+
+    step: jax.Array
+    last_token_B: jax.Array
+    cache: DecoderCache
+    log: TokenLog
+    done_B: jax.Array
+    batch_layers: jax.Array
+    layers_B: jax.Array
+
+
+@struct.dataclass
+class CalmState:
+    """CALM loop: every example at the same position, a per-example exit layer each step.
+
+    Attributes:
+      step: [] int32 position being decoded.
+      last_token_B: [B] int32 decoder input at `step`.
+      cache: `DecoderCache` [B, H, T, K] per layer; skipped layers hold copied key/values.
+      log: `TokenLog` of [B, N] outputs.
+      done_B: [B] bool.
+      deep_B: [B] int32 tokens that ran every layer.
+      layers_B: [B] int32 layers run per example.
+      batch_layers: [] int32 layers run for the batch (layer l counts when any example ran it).
+    """
+
+    step: jax.Array
+    last_token_B: jax.Array
+    cache: DecoderCache
+    log: TokenLog
+    done_B: jax.Array
+    deep_B: jax.Array
+    layers_B: jax.Array
+    batch_layers: jax.Array
+
+
+@struct.dataclass
+class FreeState:
+    """FREE's synchronized parallel decoding loop; each example at its own position.
+
+    The stack holds, per example, the layer-S input hidden states of the positions
+    `[pos_B - stack_len_B, pos_B)` that exited early and whose deep key/values are not yet computed.
+    Slot w of `stack_BWD` is position `pos_B - stack_len_B + w`.
+
+    Attributes:
+      pos_B: [B] int32 position decoded next (positions before it hold tokens).
+      last_token_B: [B] int32 decoder input at `pos_B`.
+      cache: `DecoderCache` [B, H, T, K] per layer, T = N + W; deep layers hold exact key/values
+        for positions before `pos_B - stack_len_B`, shallow layers for positions before `pos_B`.
+      stack_BWD: [B, W, D] stacked layer-S inputs (compute dtype).
+      stack_len_B: [B] int32 stacked positions, at most W - 1.
+      log: `TokenLog` of [B, N] outputs.
+      records: `AgreementRecords` [B, N].
+      done_B: [B] bool.
+      deep_B: [B] int32 deep passes the example took part in.
+      layers_B: [B] int32 layers run per example (a pass counts L - S whatever its width).
+      rollbacks_B: [B] int32 rejected shallow tokens.
+      batch_layers: [] int32 layers run for the batch.
+      iterations: [] int32 loop iterations.
+    """
+
+    pos_B: jax.Array
+    last_token_B: jax.Array
+    cache: DecoderCache
+    stack_BWD: jax.Array
+    stack_len_B: jax.Array
+    log: TokenLog
+    records: AgreementRecords
+    done_B: jax.Array
+    deep_B: jax.Array
+    layers_B: jax.Array
+    rollbacks_B: jax.Array
+    batch_layers: jax.Array
+    iterations: jax.Array
+
+
+@struct.dataclass
+class BeamState:
+    """Beam search loop over B examples times K beams, flattened to B*K rows for the model.
+
+    Attributes:
+      step: [] int32 position being decoded.
+      last_token_BK: [B, K] int32 decoder inputs.
+      cache: `DecoderCache` [B*K, H, T, K] per layer, rows ordered example-major.
+      tokens_BKN: [B, K, N] int32 each beam's tokens so far.
+      logprob_BKN: [B, K, N] float32 each token's log-probability.
+      score_BK: [B, K] float32 summed log-probability.
+      finished_BK: [B, K] bool.
+      length_BK: [B, K] int32 tokens in each beam, EOS included.
+    """
+
+    step: jax.Array
+    last_token_BK: jax.Array
+    cache: DecoderCache
+    tokens_BKN: jax.Array
+    logprob_BKN: jax.Array
+    score_BK: jax.Array
+    finished_BK: jax.Array
+    length_BK: jax.Array
+
+
+# ============================================================== helpers
+
+
+@struct.dataclass
+class EncoderContext:
+    """What every decoder step needs from the encoder, computed once per input.
+
+    Attributes:
+      cross: per decoder layer `CrossKV` [B, H, S, K].
+      encoder_mask_BS: [B, S] bool, true on real (non-pad) encoder tokens.
+    """
+
+    cross: tuple[CrossKV, ...]
+    encoder_mask_BS: jax.Array
+
+
+def encode(model: T5, encoder_tokens_BS: jax.Array) -> EncoderContext:
+    """Runs the encoder and the cross-attention projections of a bound `T5`."""
+    encoded_BSD = model.encode(encoder_tokens_BS)
+    return EncoderContext(
+        cross=model.precompute_cross(encoded_BSD),
+        encoder_mask_BS=encoder_tokens_BS != model.config.pad_token_id,
+    )
+
+
+def position_mask(pos_B: jax.Array, length: int) -> jax.Array:
+    """[B, length] one-hot of each example's position (all false when it is out of range)."""
+    return jnp.arange(length, dtype=jnp.int32)[None, :] == pos_B[:, None]
+
+
+def resolve_max_lengths(max_lengths_B, batch: int, max_decode_len: int) -> jax.Array:
+    """[B] int32 per-example maximum lengths, clipped to `max_decode_len` (None: all of it)."""
+    if max_lengths_B is None:
+        return jnp.full((batch,), max_decode_len, jnp.int32)
+    return jnp.clip(jnp.asarray(max_lengths_B, jnp.int32), 0, max_decode_len)
+
+
+def result_from_log(log: TokenLog, **counters) -> DecodeResult:
+    """Assembles a `DecodeResult`; counters not given default to zeros."""
+    b, n = log.tokens.shape
+    zeros_B = jnp.zeros((b,), jnp.int32)
+    fields = dict(
+        num_deep_passes=zeros_B,
+        layers_computed=zeros_B,
+        batch_layers_computed=jnp.zeros((), jnp.int32),
+        num_steps=jnp.zeros((), jnp.int32),
+        records=AgreementRecords.empty(b, n),
+        num_rollbacks=zeros_B,
+    )
+    fields.update(counters)
+    return DecodeResult(
+        tokens=log.tokens,
+        exit_layer=log.exit_layer,
+        confidence=log.confidence,
+        lengths=log.lengths(),
+        **fields,
+    )
+
+
+def run_layers(model: T5, hidden_BCD, start: int, end: int, *, cache, ctx, offset_B, need_prev):
+    """Decoder layers [start, end) on a chunk; returns (hidden, hidden one layer earlier, cache).
+
+    The earlier hidden state (input of layer end-1) is only computed apart when `need_prev`
+    (the "hidden_cosine" measure); otherwise it is None and the layers run as one call.
+    """
+    kw = dict(cross=ctx.cross, encoder_mask_BS=ctx.encoder_mask_BS, offset_B=offset_B)
+    if not need_prev:
+        hidden_BCD, cache = model.decode_layers(hidden_BCD, start=start, end=end, cache=cache, **kw)
+        return hidden_BCD, None, cache
+    prev_BCD = hidden_BCD
+    if end - 1 > start:
+        prev_BCD, cache = model.decode_layers(
+            hidden_BCD, start=start, end=end - 1, cache=cache, **kw
+        )
+    hidden_BCD, cache = model.decode_layers(prev_BCD, start=end - 1, end=end, cache=cache, **kw)
+    return hidden_BCD, prev_BCD, cache
