@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from typing import Any
 
 import jax
@@ -108,7 +109,12 @@ def make_manager(model_dir, config: CheckpointConfig, read_only: bool = False):
         read_only=read_only,
         create=not read_only,
     )
-    directory = epath.Path(model_dir) / CHECKPOINT_SUBDIR
+    directory = epath.Path(model_dir)
+    if "://" not in str(model_dir):
+        # orbax refuses relative paths, and its async save reports that only at the next save
+        # (after the run has gone on without a checkpoint): resolve local paths up front.
+        directory = epath.Path(os.path.abspath(str(model_dir)))
+    directory = directory / CHECKPOINT_SUBDIR
     return ocp.CheckpointManager(directory, item_names=("state", "data"), options=options)
 
 
