@@ -10,6 +10,10 @@ Flags:
   --gin_bindings=TEXT  bindings in gin syntax; repeatable.
   --gin_search_path=D  another directory for includes; repeatable.
 
+Multi-process runs (TPU pods, Slurm, XManager, two CPU processes in the tests) join through
+`jax.distributed.initialize`, configured by the environment the launchers set (see
+`free_jax.partitioning.maybe_initialize_distributed`); only process 0 logs and prints.
+
 gin lives only here and in gin_configs/: the library takes plain dataclasses, which are registered
 below as configurables. Bad bindings and unknown configurables fail while parsing, before any data
 is read or any array computed, with gin's message naming the file and line.
@@ -25,8 +29,10 @@ from collections.abc import Callable, Sequence
 import gin
 from etils import epath
 
+from free_jax import partitioning
 from free_jax.models import T5Config
 from free_jax.models import preset as model_preset
+from free_jax.partitioning import PartitionConfig
 from free_jax.training import (
     CheckpointConfig,
     DataConfig,
@@ -39,7 +45,10 @@ from free_jax.training import (
 
 GIN_CONFIGS = epath.Path(__file__).resolve().parent.parent / "gin_configs"
 
-for _cls in (LossConfig, OptimizerConfig, LoraConfig, CheckpointConfig, DataConfig, TrainConfig):
+for _cls in (
+    LossConfig, OptimizerConfig, LoraConfig, CheckpointConfig, DataConfig, PartitionConfig,
+    TrainConfig,
+):  # fmt: skip
     gin.external_configurable(_cls, module="free_jax")
 gin.external_configurable(T5Config, module="free_jax")
 
@@ -112,9 +121,19 @@ def main(argv: Sequence[str] | None = None, step_callback: Callable | None = Non
     argv = sys.argv[1:] if argv is None else argv
     args = parse_flags(argv)
     parse_gin(args.gin_file, args.gin_bindings, args.gin_search_path)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # After parsing (bad flags fail at once) and before anything starts a JAX backend.
+    partitioning.maybe_initialize_distributed()
+    primary = partitioning.is_primary()
+    logging.basicConfig(
+        level=logging.INFO if primary else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     result = train(step_callback=step_callback)
-    print(f"done: step {result.step} in {result.model_dir}; validation {result.validation_metrics}")
+    if primary:
+        print(
+            f"done: step {result.step} in {result.model_dir}; validation "
+            f"{result.validation_metrics}"
+        )
     return result
 
 

@@ -5,8 +5,10 @@ MODEL_DIR layout written by the trainer:
     config.json         the T5Config (`T5Config.to_json()`), enough to rebuild the model
     run.json            tokenizer path, loss, LoRA scale (when fine-tuned with LoRA), task
     spm.model           a copy of the SentencePiece vocabulary, when training used one
-    checkpoints/<step>/ orbax: `state` (step, params, optimiser state, RNG) and `data` (the data
-                        iterator's position, JSON)
+    checkpoints/<step>/ orbax: `state` (step, params, optimiser state, RNG; sharded arrays are
+                        written shard by shard by the processes that hold them) and `data` (the
+                        data iterator's position, JSON: `metadata`, or one
+                        `process_<i>-of-<n>.json` per process in a multi-process run)
     metrics.jsonl       one JSON object per logged step / evaluation
     tb/                 TensorBoard event files (when tensorboardX is installed)
 
@@ -26,6 +28,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import struct
 
+from free_jax import partitioning
 from free_jax.models import T5Config
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -62,6 +65,23 @@ class TrainState:
         return cls(d["step"], d["params"], d["opt_state"], d["rng"], d.get("frozen"))
 
 
+def state_shardings(state: TrainState, mesh, rules) -> TrainState:
+    """A TrainState of NamedShardings: parameters (and LoRA's frozen base) by the rule table,
+    optimiser leaves that mirror a parameter like that parameter, step and RNG replicated."""
+    params = partitioning.param_shardings(state.params, mesh, rules)
+    return TrainState(
+        step=partitioning.replicated(mesh),
+        params=params,
+        opt_state=partitioning.mirrored_shardings(state.opt_state, state.params, params, mesh),
+        rng=partitioning.replicated(mesh),
+        frozen=(
+            None
+            if state.frozen is None
+            else partitioning.param_shardings(state.frozen, mesh, rules)
+        ),
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoint manager
 # ---------------------------------------------------------------------------------------------
@@ -88,8 +108,24 @@ class CheckpointConfig:
     async_save: bool = True
 
 
+def _data_handler() -> ocp.JsonCheckpointHandler:
+    """JSON of the data iterator's position, written by every process into its own file.
+
+    Each process reads its own slice of the data, so each has its own position; one process
+    writes the single file `metadata` as orbax's JsonSave would.
+    """
+    n = jax.process_count()
+    return ocp.JsonCheckpointHandler(
+        filename=None if n == 1 else f"process_{jax.process_index()}-of-{n}.json",
+        multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=None),
+    )
+
+
 def make_manager(model_dir, config: CheckpointConfig, read_only: bool = False):
-    """An orbax CheckpointManager over MODEL_DIR/checkpoints with items `state` and `data`."""
+    """An orbax CheckpointManager over MODEL_DIR/checkpoints with items `state` and `data`.
+
+    Every process of a multi-process run makes one and calls save/restore together.
+    """
     cm = ocp.checkpoint_managers
     policies = [cm.LatestN(max(1, config.keep))]
     if config.keep_best:
@@ -115,7 +151,8 @@ def make_manager(model_dir, config: CheckpointConfig, read_only: bool = False):
         # (after the run has gone on without a checkpoint): resolve local paths up front.
         directory = epath.Path(os.path.abspath(str(model_dir)))
     directory = directory / CHECKPOINT_SUBDIR
-    return ocp.CheckpointManager(directory, item_names=("state", "data"), options=options)
+    handlers = {"state": ocp.StandardCheckpointHandler(), "data": _data_handler()}
+    return ocp.CheckpointManager(directory, item_handlers=handlers, options=options)
 
 
 def save_checkpoint(manager, state: TrainState, data_state: dict, metrics: dict | None = None):
@@ -188,8 +225,14 @@ def load_trained(model_dir, step: int | None = None) -> tuple[T5Config, Any, str
         step = max(steps)
     elif step not in steps:
         raise ValueError(f"no checkpoint for step {step} in {model_dir}; saved steps: {steps}")
-    # Only the parameters are needed: restore the state item without a target (plain dicts).
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    # The checkpoint may come from a multi-process, sharded run: restore every array whole onto
+    # this process's first device, whatever the mesh that saved it (plain dicts, no TrainState).
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    saved = manager.item_metadata(step)["state"].tree
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
+    restored = manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+    )
     state = restored.state
     params = state["params"]
     if "frozen" in state:

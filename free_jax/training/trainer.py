@@ -12,6 +12,12 @@ Guarantees:
   bit on CPU: dropout keys are fold_in(rng, step) and the data order is a function of the seed).
 * A non-finite loss, gradient norm or parameter norm stops training with `NonFiniteLossError`
   before anything of that step is saved; the checkpoints already written stay as they were.
+
+Scale-out (`TrainConfig.partition`, see free_jax/partitioning.py): the state lives on a device mesh
+(parameters and the optimiser leaves that mirror them sharded by the rule table, the rest
+replicated), the step is jitted with those shardings and donates its input state, and each
+process reads its own slice of every global batch. Only process 0 writes metrics, TensorBoard
+files and run files; every process takes part in saving the (sharded) orbax checkpoints.
 """
 
 from __future__ import annotations
@@ -30,14 +36,16 @@ import optax
 from etils import epath
 
 from free_jax import data as data_lib
+from free_jax import partitioning
 from free_jax.models import T5Config, init_params, param_shapes
+from free_jax.partitioning import PartitionConfig
 from free_jax.training import state as state_lib
 from free_jax.training import validation
 from free_jax.training.lora import LoraConfig, count_lora_params, init_lora, merge_lora
 from free_jax.training.losses import LossConfig, compute_loss
 from free_jax.training.metrics import MetricsWriter, Progress
 from free_jax.training.optim import OptimizerConfig, make_optimizer, update_count
-from free_jax.training.state import CheckpointConfig, TrainState
+from free_jax.training.state import CheckpointConfig, TrainState, state_shardings
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +115,8 @@ class TrainConfig:
       eval_batch_size: batch size of validation losses and decodes.
       max_decode_length: greedy decode length at validation (None: max_target_length).
       progress_bar, tensorboard: outputs besides metrics.jsonl.
+      partition: the device mesh and sharding strategy; `batch_size` is the global batch and must
+        be a multiple of the mesh's data axes. The default is data parallel over every device.
     """
 
     model_dir: str
@@ -125,6 +135,7 @@ class TrainConfig:
     max_decode_length: int | None = None
     progress_bar: bool = True
     tensorboard: bool = True
+    partition: PartitionConfig = PartitionConfig()
 
     def __post_init__(self):
         if self.train_steps < 1 or self.batch_size < 1:
@@ -163,14 +174,14 @@ def load_initial_checkpoint(path: str, fmt: str = "auto") -> tuple[T5Config, Any
     return loader(path)
 
 
-def _initial_params(config: TrainConfig, model_config: T5Config | None, rng):
-    """(model config, parameters) from the initial checkpoint or a random init."""
+def _initial_params(config: TrainConfig, model_config: T5Config | None, rng, mesh, rules):
+    """(model config, parameters) from the initial checkpoint or a random init, on the mesh."""
     if config.initial_checkpoint:
         loaded_config, params = load_initial_checkpoint(
             config.initial_checkpoint, config.initial_checkpoint_format
         )
         if model_config is None:
-            return loaded_config, params
+            return loaded_config, _place_params(params, mesh, rules)
         want = jax.tree.map(lambda x: x.shape, param_shapes(model_config))
         got = jax.tree.map(lambda x: tuple(x.shape), params)
         if want != got:
@@ -178,13 +189,19 @@ def _initial_params(config: TrainConfig, model_config: T5Config | None, rng):
                 f"The model config does not match the shapes of {config.initial_checkpoint}; "
                 "leave the model unset to use the checkpoint's own config."
             )
-        return model_config, jax.tree.map(
-            lambda x: jnp.asarray(x, model_config.weights_dtype), params
-        )
+        params = jax.tree.map(lambda x: np.asarray(x, model_config.weights_dtype), params)
+        return model_config, _place_params(params, mesh, rules)
     if model_config is None:
         raise ValueError("pass a model config, or an initial_checkpoint to take one from")
-    # One compiled program instead of one dispatch per initialiser (seconds on CPU).
-    return model_config, jax.jit(init_params, static_argnums=0)(model_config, rng)
+    # One compiled program instead of one dispatch per initialiser (seconds on CPU), writing each
+    # parameter straight into its shards.
+    shardings = partitioning.param_shardings(param_shapes(model_config), mesh, rules)
+    init = jax.jit(init_params, static_argnums=0, out_shardings=shardings)
+    return model_config, init(model_config, rng)
+
+
+def _place_params(params, mesh, rules):
+    return partitioning.put_global(params, partitioning.param_shardings(params, mesh, rules))
 
 
 def _tokenizer(data: DataConfig, task):
@@ -208,8 +225,8 @@ def _save_tokenizer(model_dir: epath.Path, tokenizer, data: DataConfig) -> str |
     return data.tokenizer_path
 
 
-def _device_batch(batch: dict) -> dict[str, jax.Array]:
-    return {k: jnp.asarray(batch[k]) for k in _ARRAY_KEYS if k in batch}
+def _array_batch(batch: dict) -> dict[str, np.ndarray]:
+    return {k: np.asarray(batch[k]) for k in _ARRAY_KEYS if k in batch}
 
 
 def _num_tokens(batch: dict) -> int:
@@ -225,8 +242,16 @@ def make_train_step(
     schedule: Callable,
     optimizer: OptimizerConfig,
     lora_scale: float | None,
+    *,
+    shardings: TrainState | None = None,
+    batch_sharding: jax.sharding.Sharding | None = None,
 ):
-    """The jitted step: (state, batch) -> (state, metrics). The input state is donated."""
+    """The jitted step: (state, batch) -> (state, metrics). The input state is donated.
+
+    With `shardings` (from `state_shardings`) and `batch_sharding` the step is compiled for the
+    mesh: the state keeps its layout from step to step, every batch array is split on its leading
+    axis, and the metrics come back replicated. Without them it runs where its inputs live.
+    """
 
     def step(state: TrainState, batch):
         def loss_fn(trainable):
@@ -248,7 +273,15 @@ def make_train_step(
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 
-    return jax.jit(step, donate_argnums=(0,))
+    if shardings is None:
+        return jax.jit(step, donate_argnums=(0,))
+    mesh = batch_sharding.mesh
+    return jax.jit(
+        step,
+        in_shardings=(shardings, batch_sharding),
+        out_shardings=(shardings, partitioning.replicated(mesh)),
+        donate_argnums=(0,),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,7 +291,7 @@ def make_train_step(
 
 @dataclasses.dataclass
 class _EvalSet:
-    batches: list[dict]
+    batches: list[dict]  # numpy, then placed on the mesh by `train`
     encoder_tokens: list[np.ndarray]
     references: list[list[str]]
     metric: str
@@ -279,7 +312,7 @@ def _eval_set(data: DataConfig, task, tokenizer, batch_size: int) -> _EvalSet:
             for key in _ARRAY_KEYS:
                 if key in batch:
                     batch[key][n:] = 0
-        batches.append(_device_batch(batch))
+        batches.append(_array_batch(batch))
         for i in range(n):
             row = batch["encoder_input_tokens"][i]
             tokens.append(row[: np.count_nonzero(row)])
@@ -333,12 +366,26 @@ def train(
     """
     model_dir = epath.Path(config.model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
+    primary = partitioning.is_primary()
+    mesh, rules = config.partition.make_mesh(), config.partition.rules
+    batch_sharding = partitioning.batch_sharding(mesh, rules)
+    # Which slice of every global batch this process reads (checks the batch size fits the mesh).
+    shard_index, shard_count = partitioning.process_batch_shard(batch_sharding, config.batch_size)
     task = data_lib.get_task(data.task)
-    tokenizer = _tokenizer(data, task)
+    # Process 0 prepares the dataset and vocabulary first; the others then find them ready.
+    tokenizer, train_source = _primary_first(
+        "data_ready",
+        lambda: (
+            _tokenizer(data, task),
+            data_lib.load_source(
+                task, data.train_split or task.train_split, data_dir=data.data_dir
+            ),
+        ),
+    )
 
     rng = jax.random.PRNGKey(config.seed)
     init_rng, lora_rng, dropout_rng = jax.random.split(rng, 3)
-    model_config, params = _initial_params(config, model_config, init_rng)
+    model_config, params = _initial_params(config, model_config, init_rng, mesh, rules)
     if tokenizer.vocab_size > model_config.vocab_size:
         raise ValueError(
             f"The tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
@@ -348,38 +395,49 @@ def train(
     lora_scale = None
     if config.lora is not None:
         frozen, trainable = params, init_lora(params, config.lora, lora_rng)
+        trainable = _place_params(trainable, mesh, rules)
         lora_scale = config.lora.scale
         log.info("LoRA: %d trainable parameters", count_lora_params(trainable))
     else:
         frozen, trainable = None, params
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32),
+    abstract = TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32),
         params=trainable,
-        opt_state=tx.init(trainable),
+        opt_state=jax.eval_shape(tx.init, trainable),
         rng=dropout_rng,
+        frozen=frozen,
+    )
+    shardings = state_shardings(abstract, mesh, rules)
+    state = TrainState(
+        step=partitioning.put_global(np.zeros((), np.int32), shardings.step),
+        params=trainable,
+        opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(trainable),
+        rng=partitioning.put_global(dropout_rng, shardings.rng),
         frozen=frozen,
     )
     run_info = {
         "task": task.name,
         "loss": config.loss.kind,
         "train_steps": config.train_steps,
-        "tokenizer_path": _save_tokenizer(model_dir, tokenizer, data),
+        "tokenizer_path": _save_tokenizer(model_dir, tokenizer, data) if primary else None,
         "extra_ids": data.extra_ids,
     }
     if lora_scale is not None:
         run_info["lora_scale"] = lora_scale
-    state_lib.write_run_files(model_dir, model_config, run_info)
+    if primary:
+        state_lib.write_run_files(model_dir, model_config, run_info)
 
     train_iter = data_lib.train_batches(
-        data_lib.load_source(task, data.train_split or task.train_split, data_dir=data.data_dir),
-        task, tokenizer, batch_size=config.batch_size, max_input_length=data.max_input_length,
-        max_target_length=data.max_target_length, seed=config.seed, pack=data.pack,
-        shard_index=0, shard_count=1, num_threads=data.num_threads,
+        train_source, task, tokenizer, batch_size=config.batch_size // shard_count,
+        max_input_length=data.max_input_length, max_target_length=data.max_target_length,
+        seed=config.seed, pack=data.pack, shard_index=shard_index, shard_count=shard_count,
+        num_threads=data.num_threads,
     )  # fmt: skip
     eval_set = _eval_set(data, task, tokenizer, config.eval_batch_size)
+    eval_set.batches = [_place_eval_batch(b, batch_sharding) for b in eval_set.batches]
 
     manager = state_lib.make_manager(model_dir, config.checkpoint)
-    writer = MetricsWriter(model_dir, tensorboard=config.tensorboard)
+    writer = MetricsWriter(model_dir, tensorboard=config.tensorboard) if primary else _NoWriter()
     resumed_from = manager.latest_step()
     if resumed_from is not None:
         state, data_state = state_lib.restore_checkpoint(manager, state, resumed_from)
@@ -387,23 +445,29 @@ def train(
         writer.truncate_after(resumed_from)
         log.info("Resumed from step %d in %s", resumed_from, model_dir)
 
-    step_fn = make_train_step(model_config, config.loss, tx, schedule, config.optimizer, lora_scale)
+    step_fn = make_train_step(
+        model_config, config.loss, tx, schedule, config.optimizer, lora_scale,
+        shardings=shardings, batch_sharding=batch_sharding,
+    )  # fmt: skip
     eval_params = lambda s: (
         s.params if lora_scale is None else merge_lora(s.frozen, s.params, lora_scale)
     )
 
     start = int(jax.device_get(state.step))
-    progress = Progress(config.train_steps, start, enabled=config.progress_bar)
+    progress = Progress(config.train_steps, start, enabled=config.progress_bar and primary)
+    say = progress.write if primary else lambda _: None
     if resumed_from is not None:
-        progress.write(f"Resumed from step {resumed_from} in {model_dir}")
+        say(f"Resumed from step {resumed_from} in {model_dir}")
     train_metrics: dict[str, float] = {}
     validation_metrics: dict[str, float] = {}
     tokens_since_log, time_of_log = 0, time.perf_counter()
     try:
         for step in range(start + 1, config.train_steps + 1):
-            batch = next(train_iter)
-            num_tokens = _num_tokens(batch)
-            state, metrics = step_fn(state, _device_batch(batch))
+            local = _array_batch(next(train_iter))
+            # Tokens of the global batch, estimated from this process's equal share of it.
+            num_tokens = _num_tokens(local) * shard_count
+            batch = partitioning.global_batch(local, batch_sharding, config.batch_size)
+            state, metrics = step_fn(state, batch)
             values = {k: float(v) for k, v in jax.device_get(metrics).items()}
             if not _all_finite(values):
                 manager.wait_until_finished()
@@ -433,7 +497,7 @@ def train(
                 )
                 validation_metrics = evaluated
                 writer.write(step, "validation", evaluated)
-                progress.write(_eval_line(step, evaluated, train_iter.counters))
+                say(_eval_line(step, evaluated, train_iter.counters))
             if step % config.checkpoint.every == 0 or step == config.train_steps:
                 best = config.checkpoint.best_metric
                 ranked = {best: evaluated[best]} if evaluated and best in evaluated else None
@@ -452,6 +516,38 @@ def train(
         validation_metrics=validation_metrics,
         resumed_from=resumed_from,
     )
+
+
+def _primary_first(name: str, fn: Callable[[], Any]) -> Any:
+    """fn() on process 0, then on the others (shared files are created once, by one process)."""
+    if partitioning.is_primary():
+        result = fn()
+        partitioning.sync(name)
+        return result
+    partitioning.sync(name)
+    return fn()
+
+
+def _place_eval_batch(batch: dict, batch_sharding) -> dict[str, jax.Array]:
+    """Every process holds the whole validation batch; split it like training batches when the
+    mesh divides it, else replicate it."""
+    size = len(next(iter(batch.values())))
+    fits = size % partitioning.batch_axis_size(batch_sharding) == 0
+    sharding = batch_sharding if fits else partitioning.replicated(batch_sharding.mesh)
+    return partitioning.put_global(batch, sharding)
+
+
+class _NoWriter:
+    """What processes other than 0 log to: nothing."""
+
+    def truncate_after(self, step: int) -> None:
+        pass
+
+    def write(self, step: int, split: str, values: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _eval_line(step: int, metrics: dict, counters: dict) -> str:
