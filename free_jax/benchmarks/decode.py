@@ -21,11 +21,12 @@ the warm-up's extra time is reported apart as compile time), speedup over full g
 same batch size, exit rate p (tokens leaving before the last layer), and the decoder-compute bound:
 L / (S + (1 - p)(L - S)) for FREE (S = its shallow layer), L / k for static exit, L / (mean exit
 layer) for CALM, 1 for the full model; `bound_ratio` = speedup / bound. The bound counts decoder
-layers only; `bound+heads` is FREE's bound with the exit heads counted too (one LM head per token
-and one per deep pass, each worth head/layer layers as timed in the "step pieces" lines), which is
-what limits FREE when the vocabulary is large and the layers are small. Where torch and
-transformers are installed, Hugging Face's PyTorch greedy `generate` runs on the same weights
-(`hf_greedy`, at its faster of the default and a single intra-op thread).
+layers only; `bound+heads` counts the exit heads too, each worth head/layer layers as timed in the
+"step pieces" lines (FREE: one per token and one per deep pass; static: one; CALM: one per tested
+layer; the full model: one per token), which is what limits early exiting when the vocabulary is
+large and the layers are small. Where torch and transformers are installed, Hugging Face's PyTorch
+greedy `generate` runs on the same weights (`hf_greedy`, at its faster of the default and a single
+intra-op thread).
 """
 
 from __future__ import annotations
@@ -122,6 +123,24 @@ def _bound(name: str, result, config, shallow: int, exit_layer: int) -> float:
     if name == "calm":
         exit_layer_BN = np.asarray(result.exit_layer)
         return num_layers / float(exit_layer_BN[exit_layer_BN > 0].mean())
+    return 1.0
+
+
+def _bound_with_heads(name, result, num_layers, shallow, static_k, h):
+    """`_bound` with every exit head counted as `h` layers (the full model pays one per token).
+
+    FREE: one head per token at S and one per deep pass; static: one at k; CALM: one at every
+    layer it tests, from its minimum exit layer (S here) up to where the token leaves.
+    """
+    p = _exit_rate(result, num_layers)
+    if name in FREE_LIKE:
+        return (num_layers + h) / (shallow + h + (1 - p) * (num_layers - shallow + h))
+    if name == "static":
+        return (num_layers + h) / (static_k + h)
+    if name == "calm":
+        exit_layer = np.asarray(result.exit_layer)
+        exit_layer = exit_layer[exit_layer > 0].astype(np.float64)
+        return (num_layers + h) / float(np.mean(exit_layer + h * (exit_layer - shallow + 1)))
     return 1.0
 
 
@@ -349,11 +368,9 @@ def run(args) -> tuple[list[dict], dict]:
                 layers_per_token=float(np.asarray(result.layers_computed).sum()) / tokens,
                 deep_passes=int(np.asarray(result.num_deep_passes).sum()),
             )  # fmt: skip
-            if name in FREE_LIKE:
-                # the same bound with the exit heads counted: one per token, one per deep pass
-                record["bound_with_heads"] = (num_layers + h) / (
-                    shallow + h + (1 - p) * (num_layers - shallow + h)
-                )
+            record["bound_with_heads"] = _bound_with_heads(
+                name, result, num_layers, shallow, static_k, h
+            )
             records.append(record)
     return records, components
 

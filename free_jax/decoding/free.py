@@ -17,6 +17,11 @@ flushes its stack in it (the pass costs the same) and an example that was confid
 shallow token. The pass runs at the smallest static width in (1, 2, 4, ..., W) covering the
 largest stack in the batch (`lax.switch`): it pays for the width it is given, not the window.
 
+Loop structure. The shallow steps run in an inner `while_loop` (`shallow_step`) that carries only
+what they touch; it stops at the first step whose batch needs the deep layers, and the outer loop
+body (`sync_step`) runs that pass and settles the step. A step that exits thus costs about what a
+static-exit step costs: no conditional, no deep-cache traffic.
+
 Worked example (W = 4, one example, c = confident, d = not):
     step:      0   1   2   3   4   5   6
     decision:  c   c   d   c   c   c   c
@@ -161,9 +166,10 @@ def free_loop(
 
     branches = [no_pass] + [deep_pass(width) for width in widths]
 
-    def body(s: FreeState) -> FreeState:
+    def shallow_step(s: FreeState) -> FreeState:
+        """One position through [0, S): advances when no example needs the deep layers, else
+        leaves the step pending (its shallow outputs kept) for `sync_step`."""
         active_B = ~s.done_B
-        # ---------------------------------------------------------- shallow
         h0_B1D = model.embed_decoder(s.last_token_B[:, None])
         hidden_B1D, prev_B1D, cache = run_layers(
             model, h0_B1D, 0, shallow, cache=s.cache, ctx=ctx, offset_B=s.pos_B,
@@ -176,13 +182,41 @@ def free_loop(
         shallow_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
         threshold_B = conf_lib.decayed_threshold(threshold, s.pos_B + 1, n, position_temp)
         exit_B = conf_lib.exits(conf_B, threshold_B)
-
-        # ------------------------------------------------ does the batch go deep?
-        rows_B = s.stack_len_B + 1  # stacked positions plus the current one
-        force_B = rows_B >= w
+        force_B = s.stack_len_B + 1 >= w  # the stack plus the current position fill the window
         if verify:  # nothing becomes final unchecked
             force_B |= (shallow_B == config.eos_token_id) | (s.pos_B + 1 >= max_len_B)
         need_B = active_B & (~exit_B | force_B)
+        pending = jnp.any(need_B)
+        # the current position's layer-S input takes slot stack_len whether or not a pass follows
+        stack_BWD = jnp.where(
+            (rows_W[None, :] == s.stack_len_B[:, None])[:, :, None], hidden_B1D, s.stack_BWD
+        )
+        push_B = active_B & ~pending  # every active example exited: emit and stack
+        finished_B = (shallow_B == config.eos_token_id) | (s.pos_B + 1 >= max_len_B)
+        return s.replace(
+            pos_B=s.pos_B + push_B.astype(jnp.int32),
+            last_token_B=jnp.where(push_B, shallow_B, s.last_token_B),
+            cache=cache,
+            stack_BWD=stack_BWD,
+            stack_len_B=s.stack_len_B + push_B.astype(jnp.int32),
+            log=s.log.write(s.pos_B, push_B, shallow_B, jnp.full_like(shallow_B, shallow), conf_B),
+            done_B=s.done_B | (push_B & finished_B),
+            layers_B=s.layers_B + shallow * push_B.astype(jnp.int32),
+            batch_layers=s.batch_layers + shallow * (~pending).astype(jnp.int32),
+            iterations=s.iterations + (~pending).astype(jnp.int32),
+            pending=pending,
+            shallow_token_B=shallow_B,
+            shallow_conf_B=conf_B,
+            exit_B=exit_B,
+        )
+
+    def sync_step(s: FreeState) -> FreeState:
+        """Finishes a pending step: one deep pass over every active example's stack plus its
+        current position, then accept / reject / emit. Without a pending step (the batch
+        finished, or the iteration cap) nothing runs."""
+        active_B = ~s.done_B
+        shallow_B, conf_B, exit_B = s.shallow_token_B, s.shallow_conf_B, s.exit_B
+        rows_B = s.stack_len_B + 1  # stacked positions plus the current one
         start_B = s.pos_B - s.stack_len_B
         is_cur_BW = rows_W[None, :] == s.stack_len_B[:, None]
         row_pos_BW = start_B[:, None] + rows_W[None, :]
@@ -190,14 +224,13 @@ def free_loop(
         row_conf_BW = jnp.where(
             is_cur_BW, conf_B[:, None], _take_rows(s.log.confidence, row_pos_BW)
         )
-        chunk_BWD = jnp.where(is_cur_BW[:, :, None], hidden_B1D, s.stack_BWD)
         widest = jnp.max(jnp.where(active_B, rows_B, 1))
         width_index = jnp.searchsorted(jnp.asarray(widths, jnp.int32), widest, side="left")
-        branch = jnp.where(jnp.any(need_B), 1 + width_index, 0)
+        branch = jnp.where(s.pending, 1 + width_index, 0)
         deep_BW, nll_BW, cache = jax.lax.switch(
-            branch, branches, chunk_BWD, proposed_BW, start_B, cache, s.stack_len_B
+            branch, branches, s.stack_BWD, proposed_BW, start_B, s.cache, s.stack_len_B
         )
-        ran = branch > 0
+        ran = s.pending
         part_B = active_B & ran
 
         # ------------------------------------------ accept, reject, emit
@@ -218,7 +251,7 @@ def free_loop(
         shallow_token_B = exit_B & ~reject_B
         token_B = jnp.where(shallow_token_B, shallow_B, deep_final_B)
         token_exit_B = jnp.where(shallow_token_B, shallow, num_layers)
-        log = s.log.write(final_pos_B, active_B, token_B, token_exit_B, take_final(row_conf_BW))
+        log = s.log.write(final_pos_B, part_B, token_B, token_exit_B, take_final(row_conf_BW))
 
         # records of every position the pass covered, laid out by position
         offset_BN = jnp.arange(n, dtype=jnp.int32)[None, :] - start_B[:, None]
@@ -232,43 +265,51 @@ def free_loop(
             )
         else:
             new_records = s.records
-        # a rejection discards every later position
-        keep_BN = ~(
-            reject_B[:, None] & (jnp.arange(n, dtype=jnp.int32)[None, :] > final_pos_B[:, None])
-        )
-        log = TokenLog(
-            tokens=log.tokens * keep_BN,
-            exit_layer=log.exit_layer * keep_BN,
-            confidence=log.confidence * keep_BN,
-        )
-        new_records = AgreementRecords(
-            confidence=new_records.confidence * keep_BN,
-            agree=new_records.agree & keep_BN,
-            valid=new_records.valid & keep_BN,
-        )
+        if verify:  # a rejection discards every later position
+            keep_BN = ~(
+                reject_B[:, None] & (jnp.arange(n, dtype=jnp.int32)[None, :] > final_pos_B[:, None])
+            )
+            log = TokenLog(
+                tokens=log.tokens * keep_BN,
+                exit_layer=log.exit_layer * keep_BN,
+                confidence=log.confidence * keep_BN,
+            )
+            new_records = AgreementRecords(
+                confidence=new_records.confidence * keep_BN,
+                agree=new_records.agree & keep_BN,
+                valid=new_records.valid & keep_BN,
+            )
 
-        push_B = active_B & ~ran  # everyone was confident and nothing forced a pass
-        active_i, part_i = active_B.astype(jnp.int32), part_B.astype(jnp.int32)
+        part_i = part_B.astype(jnp.int32)
         finished_B = (token_B == config.eos_token_id) | (final_pos_B + 1 >= max_len_B)
-        return FreeState(
-            pos_B=jnp.where(active_B, final_pos_B + 1, s.pos_B),
-            last_token_B=jnp.where(active_B, token_B, s.last_token_B),
+        return s.replace(
+            pos_B=jnp.where(part_B, final_pos_B + 1, s.pos_B),
+            last_token_B=jnp.where(part_B, token_B, s.last_token_B),
             cache=cache,
-            stack_BWD=chunk_BWD,  # the current position sits in slot stack_len already
-            stack_len_B=jnp.where(part_B, 0, s.stack_len_B + push_B.astype(jnp.int32)),
+            stack_len_B=jnp.where(part_B, 0, s.stack_len_B),
             log=log,
             records=new_records,
-            done_B=s.done_B | (active_B & finished_B),
+            done_B=s.done_B | (part_B & finished_B),
             deep_B=s.deep_B + part_i,
-            layers_B=s.layers_B + shallow * active_i + (num_layers - shallow) * part_i,
-            rollbacks_B=s.rollbacks_B + (reject_B & active_B).astype(jnp.int32),
-            batch_layers=s.batch_layers + shallow + (num_layers - shallow) * ran.astype(jnp.int32),
-            iterations=s.iterations + 1,
+            layers_B=s.layers_B + num_layers * part_i,
+            rollbacks_B=s.rollbacks_B + (reject_B & part_B).astype(jnp.int32),
+            batch_layers=s.batch_layers + num_layers * ran.astype(jnp.int32),
+            iterations=s.iterations + ran.astype(jnp.int32),
+            pending=jnp.zeros((), bool),
         )
 
     # Each pass makes at least its first covered position final, and at most W - 1 steps run
     # between passes, so N * W iterations always suffice.
     max_iterations = n * w + 1
+    running = lambda s: ~jnp.all(s.done_B) & (s.iterations < max_iterations)
+
+    def body(s: FreeState) -> FreeState:
+        # Shallow steps run in an inner loop of their own until some example needs the deep
+        # layers, so a step that exits touches neither the deep caches nor a conditional (on
+        # small models the per-step bookkeeping, not the layers, was what cost).
+        s = jax.lax.while_loop(lambda s: ~s.pending & running(s), shallow_step, s)
+        return sync_step(s)
+
     state = FreeState(
         pos_B=jnp.zeros((b,), jnp.int32),
         last_token_B=jnp.full((b,), config.decoder_start_token_id, jnp.int32),
@@ -283,9 +324,12 @@ def free_loop(
         rollbacks_B=jnp.zeros((b,), jnp.int32),
         batch_layers=jnp.zeros((), jnp.int32),
         iterations=jnp.zeros((), jnp.int32),
+        pending=jnp.zeros((), bool),
+        shallow_token_B=jnp.zeros((b,), jnp.int32),
+        shallow_conf_B=jnp.zeros((b,), jnp.float32),
+        exit_B=jnp.zeros((b,), bool),
     )
-    cond = lambda s: ~jnp.all(s.done_B) & (s.iterations < max_iterations)
-    return jax.lax.while_loop(cond, body, state)
+    return jax.lax.while_loop(running, body, state)
 
 
 def free_decode(config: T5Config, params, encoder_tokens_BS, threshold, **kw) -> DecodeResult:

@@ -238,7 +238,13 @@ class FreeState:
       layers_B: [B] int32 layers run per example (a pass counts L - S whatever its width).
       rollbacks_B: [B] int32 rejected shallow tokens.
       batch_layers: [] int32 layers run for the batch.
-      iterations: [] int32 loop iterations.
+      iterations: [] int32 shallow steps taken (a step that needed a pass counts once).
+      pending: [] bool, the last shallow step needs a deep pass that has not run yet; the
+        fields below hold that step's shallow outputs (its position is `pos_B`, its layer-S
+        input already sits in stack slot `stack_len_B`).
+      shallow_token_B: [B] int32 the pending step's shallow argmax.
+      shallow_conf_B: [B] float32 its shallow confidence.
+      exit_B: [B] bool, its confidence cleared the threshold.
     """
 
     pos_B: jax.Array
@@ -254,6 +260,10 @@ class FreeState:
     rollbacks_B: jax.Array
     batch_layers: jax.Array
     iterations: jax.Array
+    pending: jax.Array
+    shallow_token_B: jax.Array
+    shallow_conf_B: jax.Array
+    exit_B: jax.Array
 
 
 @struct.dataclass

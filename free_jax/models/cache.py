@@ -7,8 +7,8 @@ Worked example (B=2, T=6, C=2): offsets [0, 3] write chunk rows into positions
   example 0: [x x . . . .]      example 1: [. . . x x .]
 Positions that were never written hold zeros; causal masking keeps them from being read.
 
-A write must fit: `offset + C <= T`. `lax.dynamic_update_slice` would silently *shift* a write that
-runs past the end, so callers that write whole chunks near the end allocate `T` with a slack of C.
+A write should fit (`offset + C <= T`); rows past the end are dropped, so callers that must keep
+whole chunks near the end allocate `T` with a slack of C.
 """
 
 from __future__ import annotations
@@ -85,13 +85,23 @@ def write_chunk(cache_BHTK: jax.Array, chunk_BHCK: jax.Array, offset_B: jax.Arra
     >>> write_chunk(cache, chunk, jnp.array([0, 2]))[:, 0, :, 0]
     Array([[1., 1., 0., 0.],
            [0., 0., 1., 1.]], dtype=float32)
+
+    Written as one elementwise select over the cache rather than a per-example
+    `dynamic_update_slice`: vmapped with per-example offsets the latter lowers to a scatter that
+    XLA:CPU surrounds with several full copies of the cache per layer and step, which cost more
+    than the layer itself on small models. The select updates the cache buffer in place. Rows that
+    would land past the end are dropped (never shifted).
     """
     chunk_BHCK = chunk_BHCK.astype(cache_BHTK.dtype)
-
-    def one(cache_HTK, chunk_HCK, offset):
-        return jax.lax.dynamic_update_slice(cache_HTK, chunk_HCK, (0, offset, 0))
-
-    return jax.vmap(one)(cache_BHTK, chunk_BHCK, offset_B.astype(jnp.int32))
+    c, t = chunk_BHCK.shape[2], cache_BHTK.shape[2]
+    row_BT = jnp.arange(t, dtype=jnp.int32)[None, :] - offset_B.astype(jnp.int32)[:, None]
+    hit_BT = (row_BT >= 0) & (row_BT < c)
+    if c == 1:
+        rows_BHTK = chunk_BHCK  # broadcasts over T
+    else:
+        idx_B1T1 = jnp.clip(row_BT, 0, c - 1)[:, None, :, None]
+        rows_BHTK = jnp.take_along_axis(chunk_BHCK, idx_B1T1, axis=2)
+    return jnp.where(hit_BT[:, None, :, None], rows_BHTK, cache_BHTK)
 
 
 def write_layer(

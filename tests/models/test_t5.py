@@ -46,8 +46,10 @@ def test_exit_logits_equal_head_of_hidden_state():
 
 def test_no_exits_costs_nothing():
     enc, dec = _enc(), _tokens(2, (3, 7))
-    jaxpr_none = jax.make_jaxpr(lambda e, d: _apply()(e, d).logits)(enc, dec)
-    jaxpr_exit = jax.make_jaxpr(lambda e, d: _apply(exit_layers=(2,))(e, d).logits)(enc, dec)
+    # bind the parameters before tracing: initialising them inside the trace would count too
+    apply_none, apply_exit = _apply(), _apply(exit_layers=(2,))
+    jaxpr_none = jax.make_jaxpr(lambda e, d: apply_none(e, d).logits)(enc, dec)
+    jaxpr_exit = jax.make_jaxpr(lambda e, d: apply_exit(e, d).logits)(enc, dec)
     # Asking for no exit must not trace a single extra head; asking for one adds equations.
     count = lambda j: len(j.jaxpr.eqns)
     assert count(jaxpr_none) < count(jaxpr_exit)
