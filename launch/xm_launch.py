@@ -56,7 +56,9 @@ def job_spec(args: argparse.Namespace, bindings: list[str]) -> dict:
     """A plain description of the job, printed by --dry_run and used to build the XManager job."""
     if args.platform == "tpu":
         resources = {"tpu": args.accelerator, "topology": args.topology}
-        env = {}
+        # Every host of a pod slice runs the trainer; JAX reads the slice's own metadata to find
+        # its peers (on a one-host slice initialize() is harmless).
+        env = {"FREE_JAX_DISTRIBUTED": "auto"}
     else:
         resources = {"gpu": args.accelerator, "count": args.num_gpus, "hosts": args.num_hosts}
         # One process per host; free_jax.train reads these to call jax.distributed.initialize.

@@ -155,6 +155,17 @@ def test_distributed_is_off_without_its_environment(monkeypatch):
         P.maybe_initialize_distributed()
 
 
+def test_distributed_auto_lets_jax_find_the_pod(monkeypatch):
+    # What the XManager launcher sets on TPU pods: JAX reads the peers from the slice itself.
+    for key in ("FREE_JAX_COORDINATOR", "FREE_JAX_NUM_PROCESSES"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("FREE_JAX_DISTRIBUTED", "auto")
+    calls = []
+    monkeypatch.setattr(P.jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
+    assert P.maybe_initialize_distributed() is True
+    assert calls == [((), {})]
+
+
 # ---------------------------------------------------------------------------------------------
 # 8 simulated devices: sharded == single-device
 # ---------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ train(TrainConfig(model_dir="runs/x", train_steps=1000), preset("tiny"), DataCon
 config, params, tokenizer_path = load_trained("runs/x")
 """
 
+from free_jax.training.config import DataConfig, NonFiniteLossError, TrainConfig, TrainResult
 from free_jax.training.lora import LoraConfig, init_lora, lora_interceptor, merge_lora
 from free_jax.training.losses import (
     LossConfig,
@@ -20,13 +21,7 @@ from free_jax.training.losses import (
 from free_jax.training.metrics import MetricsWriter, read_metrics
 from free_jax.training.optim import OptimizerConfig, make_optimizer, make_schedule
 from free_jax.training.state import CheckpointConfig, TrainState, load_trained
-from free_jax.training.trainer import (
-    DataConfig,
-    NonFiniteLossError,
-    TrainConfig,
-    TrainResult,
-    train,
-)
+from free_jax.training.trainer import train
 from free_jax.training.validation import greedy_decode
 
 __all__ = [

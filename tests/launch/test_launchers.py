@@ -40,6 +40,16 @@ def test_xm_dry_run_passes_gin_through(capsys):
     assert shlex.split(spec["command_line"]) == spec["command"]
 
 
+def test_xm_tpu_jobs_join_the_pod(capsys):
+    xm = _xm()
+    argv = ["--gin_file=gin_configs/runs/finetune.gin", "--platform=tpu", "--accelerator=v4"]
+    assert xm.main([*argv, "--topology=2x2x2", "--dry_run"]) == 0
+    spec = json.loads(capsys.readouterr().out)
+    assert spec["resources"] == {"tpu": "v4", "topology": "2x2x2"}
+    # free_jax.partitioning.maybe_initialize_distributed calls jax.distributed.initialize on this
+    assert spec["env"] == {"FREE_JAX_DISTRIBUTED": "auto"}
+
+
 def test_xm_rejects_bad_flags():
     xm = _xm()
     with pytest.raises(SystemExit):

@@ -1,0 +1,118 @@
+"""What a training run is given and what it returns: plain dataclasses that gin builds.
+
+`DataConfig` (the task and its pipeline), `TrainConfig` (the run: steps, batch, loss, optimiser,
+checkpoints, partitioning), `TrainResult` (what `train` returns) and the error a non-finite loss
+raises. Kept apart from the loop so configs and tools can import them without the trainer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from free_jax.partitioning import PartitionConfig
+from free_jax.training.lora import LoraConfig
+from free_jax.training.losses import LossConfig
+from free_jax.training.optim import OptimizerConfig
+from free_jax.training.state import CheckpointConfig
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced NaN or inf; the message names the step and the last good checkpoint."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """What to train on, and how it is tokenized and cut.
+
+    Attributes:
+      task: a name from `free_jax.data.get_task` ("system_translations", "xsum", ...).
+      data_dir: TFDS data directory; None means TFDS's default.
+      tokenizer_path: SentencePiece .model, tokenizer.json or a checkpoint directory; None trains a
+        SentencePiece vocabulary of `vocab_size` on the task's training texts (cached beside the
+        data) -- the from-scratch recipe.
+      vocab_size, vocab_max_sentences: size of a trained vocabulary, and how many texts train it.
+      extra_ids: T5 sentinel ids after a SentencePiece vocabulary (100 for T5 checkpoints).
+      max_input_length, max_target_length: S and T, EOS included; longer texts are cut (counted
+        in the logs as num_truncated_inputs / num_truncated_targets).
+      pack: pack several examples per row.
+      train_split, eval_split: None uses the task's; TFDS slices work ("train[:1000]").
+      eval_examples: validation examples decoded and scored at each evaluation.
+      num_threads: grain threads for reading and tokenizing.
+    """
+
+    task: str = "system_translations"
+    data_dir: str | None = None
+    tokenizer_path: str | None = None
+    vocab_size: int = 8000
+    vocab_max_sentences: int = 1_000_000
+    extra_ids: int = 0
+    max_input_length: int = 64
+    max_target_length: int = 64
+    pack: bool = False
+    train_split: str | None = None
+    eval_split: str | None = None
+    eval_examples: int = 256
+    num_threads: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One training run.
+
+    Attributes:
+      model_dir: where checkpoints, config.json, run.json and metrics go; a restart resumes here.
+      train_steps: batches to train on (with gradient accumulation, k batches make one update).
+      batch_size: examples (rows, when packing) per batch.
+      seed: parameter init, LoRA init, dropout and data order.
+      eval_every: validate every N steps (0: only at the end).
+      log_every: write training metrics every N steps.
+      loss, optimizer, checkpoint: see their classes.
+      lora: fine-tune low-rank adapters only (None: train every parameter).
+      initial_checkpoint: start from these weights (a Hugging Face directory or hub name, or a
+        T5X checkpoint directory) instead of a random init. The model config then comes from the
+        checkpoint unless one is passed, which must match its shapes.
+      initial_checkpoint_format: "hf", "t5x" or "auto" (a directory with config.json is "hf").
+      eval_batch_size: batch size of validation losses and decodes.
+      max_decode_length: greedy decode length at validation (None: max_target_length).
+      progress_bar, tensorboard: outputs besides metrics.jsonl.
+      partition: the device mesh and sharding strategy; `batch_size` is the global batch and must
+        be a multiple of the mesh's data axes. The default is data parallel over every device.
+    """
+
+    model_dir: str
+    train_steps: int
+    batch_size: int = 32
+    seed: int = 0
+    eval_every: int = 0
+    log_every: int = 10
+    loss: LossConfig = LossConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    lora: LoraConfig | None = None
+    initial_checkpoint: str | None = None
+    initial_checkpoint_format: str = "auto"
+    eval_batch_size: int = 64
+    max_decode_length: int | None = None
+    progress_bar: bool = True
+    tensorboard: bool = True
+    partition: PartitionConfig = PartitionConfig()
+
+    def __post_init__(self):
+        if self.train_steps < 1 or self.batch_size < 1:
+            raise ValueError("train_steps and batch_size must be >= 1")
+        if self.initial_checkpoint_format not in ("auto", "hf", "t5x"):
+            raise ValueError(
+                f"initial_checkpoint_format={self.initial_checkpoint_format!r}; "
+                "expected 'auto', 'hf' or 't5x'"
+            )
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a finished run leaves: the final step and the last metrics of each kind."""
+
+    model_dir: str
+    step: int
+    train_metrics: dict[str, float]
+    validation_metrics: dict[str, float]
+    resumed_from: int | None
