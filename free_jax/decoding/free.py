@@ -166,6 +166,10 @@ def free_loop(
 
     branches = [no_pass] + [deep_pass(width) for width in widths]
 
+    def ends(token_B, pos_B):
+        """[B] bool: a token emitted at pos_B finishes its example (EOS or maximum length)."""
+        return (token_B == config.eos_token_id) | (pos_B + 1 >= max_len_B)
+
     def shallow_step(s: FreeState) -> FreeState:
         """One position through [0, S): advances when no example needs the deep layers, else
         leaves the step pending (its shallow outputs kept) for `sync_step`."""
@@ -183,8 +187,9 @@ def free_loop(
         threshold_B = conf_lib.decayed_threshold(threshold, s.pos_B + 1, n, position_temp)
         exit_B = conf_lib.exits(conf_B, threshold_B)
         force_B = s.stack_len_B + 1 >= w  # the stack plus the current position fill the window
+        finished_B = ends(shallow_B, s.pos_B)
         if verify:  # nothing becomes final unchecked
-            force_B |= (shallow_B == config.eos_token_id) | (s.pos_B + 1 >= max_len_B)
+            force_B |= finished_B
         need_B = active_B & (~exit_B | force_B)
         pending = jnp.any(need_B)
         # the current position's layer-S input takes slot stack_len whether or not a pass follows
@@ -192,7 +197,6 @@ def free_loop(
             (rows_W[None, :] == s.stack_len_B[:, None])[:, :, None], hidden_B1D, s.stack_BWD
         )
         push_B = active_B & ~pending  # every active example exited: emit and stack
-        finished_B = (shallow_B == config.eos_token_id) | (s.pos_B + 1 >= max_len_B)
         return s.replace(
             pos_B=s.pos_B + push_B.astype(jnp.int32),
             last_token_B=jnp.where(push_B, shallow_B, s.last_token_B),
@@ -281,7 +285,7 @@ def free_loop(
             )
 
         part_i = part_B.astype(jnp.int32)
-        finished_B = (token_B == config.eos_token_id) | (final_pos_B + 1 >= max_len_B)
+        finished_B = ends(token_B, final_pos_B)
         return s.replace(
             pos_B=jnp.where(part_B, final_pos_B + 1, s.pos_B),
             last_token_B=jnp.where(part_B, token_B, s.last_token_B),
