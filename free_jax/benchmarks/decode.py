@@ -2,6 +2,7 @@
 
     python -m free_jax.benchmarks.decode [--preset t5-small] [--shallow S] [--max_decode_len 64]
         [--batch_sizes 1 8] [--force_exit_rate 0.7] [--repeats 3] [--json PATH]
+        [--cpu_decode_flags]
     python -m free_jax.benchmarks.decode --preset t5-large --shallow 6 --dtype bfloat16   # a GPU
 
 Model: random weights of the preset's shape (no checkpoint is read), with EOS's output row zeroed
@@ -24,7 +25,10 @@ layer) for CALM, 1 for the full model; `bound_ratio` = speedup / bound. The boun
 layers only; `bound+heads` counts the exit heads too, each worth head/layer layers as timed in the
 "step pieces" lines (FREE: one per token and one per deep pass; static: one; CALM: one per tested
 layer; the full model: one per token), which is what limits early exiting when the vocabulary is
-large and the layers are small. Where torch and transformers are installed, Hugging Face's PyTorch
+large and the layers are small. `pieces` is FREE's speedup if its loop cost nothing beyond
+those pieces, each deep pass charged what a pass of its width costs here (`pieces_bound`; the
+decoder counts its passes at each width), and `of pieces` the measured speedup over it: the loop's
+own efficiency. Where torch and transformers are installed, Hugging Face's PyTorch
 greedy `generate` runs on the same weights (`hf_greedy`, at its faster of the default and a single
 intra-op thread).
 """
@@ -43,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from free_jax.decoding import confidence as conf_lib
-from free_jax.decoding import make_decoder, pass_widths
+from free_jax.decoding import cpu_flags, make_decoder, pass_widths
 from free_jax.models import T5, init_cache, param_shapes, preset
 
 DECODERS = ("greedy", "static", "calm", "free", "free_norecords", "free_lossless", "sample", "beam")
@@ -218,31 +222,54 @@ def component_times(config, params, enc: np.ndarray, window: int, repeats: int =
 
     `layer`: one decoder layer on one position; `head`: the exit head with its confidence (the
     shared final norm, the LM head, softmax top-1 minus top-2); `deep[C]`: the deep layers [S, L)
-    on a chunk of C positions, C in FREE's pass widths. They explain the table: the LM head is
-    paid at every exit FREE or CALM tests, and a pass over C positions costs deep[C].
+    on a chunk of C positions, C in FREE's pass widths; `head_rows[C]`: the exit head on C
+    positions (what a FREE pass with records pays). They explain the table: the LM head is paid
+    at every exit FREE or CALM tests, and a pass over C positions costs deep[C].
     """
     model = T5(config)
     b, shallow, num_layers = enc.shape[0], config.shallow_layer, config.num_decoder_layers
     enc = jnp.asarray(enc)
 
-    def layers_fn(start, end):
-        def run(p, hidden, cross):
-            return model.apply(
-                {"params": p}, hidden, start=start, end=end, cache=init_cache(config, b, 128),
-                cross=cross, encoder_mask_BS=enc != 0, offset_B=jnp.full((b,), 60, jnp.int32),
-                method=T5.decode_layers,
-            )[0]  # fmt: skip
+    inner = 8  # each piece runs this many times inside one jitted loop: no per-call dispatch,
+    # and the key/value cache is carried (updated in place) instead of rebuilt for every call
+
+    def looped(piece):
+        """A jitted function running `inner` dependent calls of `piece`, and ms per call."""
+
+        def run(p, x, cache, cross):
+            def body(_, carry):
+                x, cache = carry
+                y, cache = piece(p, x, cache, cross)
+                # the next call's input depends on this one's output, so none is skipped
+                return x + 1e-6 * jnp.mean(y).astype(x.dtype), cache
+
+            return jax.lax.fori_loop(0, inner, body, (x, cache))[0]
 
         return jax.jit(run)
 
-    def ms(fn, *args):
+    def layers(start, end):
+        def piece(p, hidden, cache, cross):
+            return model.apply(
+                {"params": p}, hidden, start=start, end=end, cache=cache, cross=cross,
+                encoder_mask_BS=enc != 0, offset_B=jnp.full((b,), 60, jnp.int32),
+                method=T5.decode_layers,
+            )  # fmt: skip
+
+        return looped(piece)
+
+    def head_piece(p, rows_RD, cache, cross):
+        logits = model.apply({"params": p}, rows_RD, method=T5.exit_logits)
+        return conf_lib.softmax_margin(logits), cache
+
+    def ms(fn, x):
+        args = (params, x, cache, cross)
         jax.block_until_ready(fn(*args))
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
             jax.block_until_ready(fn(*args))
             times.append(time.perf_counter() - t0)
-        return 1000 * statistics.median(times)
+        return 1000 * statistics.median(times) / inner
 
     cross = jax.jit(
         lambda p: model.apply(
@@ -250,18 +277,43 @@ def component_times(config, params, enc: np.ndarray, window: int, repeats: int =
             method=T5.precompute_cross,
         )
     )(params)  # fmt: skip
+    cache = init_cache(config, b, 128)
     hidden = lambda c: jnp.ones((b, c, config.d_model), config.compute_dtype)
-    head = jax.jit(
-        lambda p, h: conf_lib.softmax_margin(model.apply({"params": p}, h, method=T5.exit_logits))
-    )
+    head = looped(head_piece)
+    rows = lambda c: hidden(c).reshape(b * c, config.d_model)
     return {
-        "layer": ms(layers_fn(0, 1), params, hidden(1), cross),
-        "head": ms(head, params, hidden(1)[:, 0]),
-        "deep": {
-            c: ms(layers_fn(shallow, num_layers), params, hidden(c), cross)
-            for c in pass_widths(window)
-        },
+        "layer": ms(layers(0, 1), hidden(1)),
+        "head": ms(head, rows(1)),
+        "deep": {c: ms(layers(shallow, num_layers), hidden(c)) for c in pass_widths(window)},
+        "head_rows": {c: ms(head, rows(c)) for c in pass_widths(window)},
     }
+
+
+def pieces_bound(name: str, result, parts: dict, num_layers: int, shallow: int) -> float | None:
+    """FREE's speedup over full greedy if its loop cost nothing beyond its measured pieces.
+
+    Full greedy pays L layers and a head per step; FREE one shallow step (S layers and a head)
+    per iteration plus, for each deep pass, deep[C] at the width C it ran at and the deep exit's
+    head (on every covered row when it keeps records, on one row per example otherwise). Unlike
+    the layer-count bounds this charges a pass what it costs at its width on this machine, so
+    `speedup / pieces_bound` isolates the loop's own overhead. None for other decoders.
+    """
+    if name not in FREE_LIKE:
+        return None
+    steps_per_example = np.asarray(result.lengths).max()  # greedy's loop runs this many steps
+    greedy_ms = steps_per_example * (num_layers * parts["layer"] + parts["head"])
+    counts = np.asarray(result.pass_width_counts)
+    widths = list(parts["deep"])
+    passes_ms = sum(
+        n
+        * (
+            parts["deep"][c]
+            + (parts["head"] if name == "free_norecords" else parts["head_rows"][c])
+        )
+        for n, c in zip(counts, widths, strict=True)
+    )
+    free_ms = int(result.num_steps) * (shallow * parts["layer"] + parts["head"]) + passes_ms
+    return float(greedy_ms / free_ms)
 
 
 # ================================================================================= run
@@ -371,6 +423,12 @@ def run(args) -> tuple[list[dict], dict]:
             record["bound_with_heads"] = _bound_with_heads(
                 name, result, num_layers, shallow, static_k, h
             )
+            record["pieces_bound"] = pieces_bound(name, result, parts, num_layers, shallow)
+            if name in FREE_LIKE:
+                widths = pass_widths(args.window)
+                record["pass_width_counts"] = dict(
+                    zip(widths, np.asarray(result.pass_width_counts).tolist(), strict=True)
+                )
             records.append(record)
     return records, components
 
@@ -378,7 +436,7 @@ def run(args) -> tuple[list[dict], dict]:
 def format_table(records: list[dict], components: dict) -> str:
     head = (
         f"{'decoder':<15}{'batch':>6}{'tok/s':>9}{'speedup':>9}{'exit p':>8}{'bound':>7}"
-        f"{'ratio':>7}{'bound+heads':>12}{'compile s':>10}"
+        f"{'ratio':>7}{'bound+heads':>12}{'pieces':>8}{'of pieces':>10}{'compile s':>10}"
     )
     lines = [head, "-" * len(head)]
     for r in records:
@@ -388,15 +446,25 @@ def format_table(records: list[dict], components: dict) -> str:
             f"{r['speedup_vs_full']:>9.2f}{r['exit_rate']:>8.2f}{r['bound']:>7.2f}"
             f"{r['bound_ratio']:>7.2f}"
             + (f"{with_heads:>12.2f}" if with_heads else f"{'':>12}")
+            + (
+                f"{pieces:>8.2f}{r['speedup_vs_full'] / pieces:>10.2f}"
+                if (pieces := r.get("pieces_bound"))
+                else f"{'':>18}"
+            )
             + f"{r['compile_s']:>10.1f}"
         )
     lines.append("")
     for batch, parts in components.items():
         deep = ", ".join(f"C={c}: {t:.2f}" for c, t in parts["deep"].items())
+        heads = ", ".join(f"C={c}: {t:.2f}" for c, t in parts["head_rows"].items())
         lines.append(
             f"batch {batch} step pieces (ms): one layer {parts['layer']:.2f}, exit head "
-            f"{parts['head']:.2f}, deep layers [S, L) {deep}"
+            f"{parts['head']:.2f}, deep layers [S, L) {deep}; exit head on C rows {heads}"
         )
+    for r in records:
+        if r.get("pass_width_counts"):
+            counts = ", ".join(f"{c}: {n}" for c, n in r["pass_width_counts"].items())
+            lines.append(f"{r['decoder']} batch {r['batch_size']} deep passes by width: {counts}")
     return "\n".join(lines)
 
 
@@ -418,6 +486,10 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no_hf", dest="hf", action="store_false")
     parser.add_argument("--json", default=None, help="write one record per decoder and batch")
+    parser.add_argument(
+        "--cpu_decode_flags", action="store_true",
+        help="compile with free_jax.decoding.cpu_flags (cheaper skinny matmuls on a CPU)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     # full greedy first: the baseline every ratio refers to
     args.decoders = ["greedy", *[d for d in args.decoders if d != "greedy"]]
@@ -426,8 +498,12 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    xla_flags = cpu_flags.apply() if args.cpu_decode_flags else os.environ.get("XLA_FLAGS", "")
     records, components = run(args)
+    for record in records:
+        record["xla_flags"] = xla_flags
     print(f"device: {jax.devices()[0].device_kind}, {os.cpu_count()} CPU cores; {args.preset}")
+    print(f"XLA_FLAGS: {xla_flags or '(none)'}")
     print(format_table(records, components))
     if args.json:
         with open(args.json, "w") as f:

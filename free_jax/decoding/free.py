@@ -299,6 +299,7 @@ def free_loop(
             rollbacks_B=s.rollbacks_B + (reject_B & part_B).astype(jnp.int32),
             batch_layers=s.batch_layers + num_layers * ran.astype(jnp.int32),
             iterations=s.iterations + ran.astype(jnp.int32),
+            width_counts_P=s.width_counts_P.at[width_index].add(ran.astype(jnp.int32)),
             pending=jnp.zeros((), bool),
         )
 
@@ -328,6 +329,7 @@ def free_loop(
         rollbacks_B=jnp.zeros((b,), jnp.int32),
         batch_layers=jnp.zeros((), jnp.int32),
         iterations=jnp.zeros((), jnp.int32),
+        width_counts_P=jnp.zeros((len(widths),), jnp.int32),
         pending=jnp.zeros((), bool),
         shallow_token_B=jnp.zeros((b,), jnp.int32),
         shallow_conf_B=jnp.zeros((b,), jnp.float32),
@@ -347,6 +349,7 @@ def free_decode(config: T5Config, params, encoder_tokens_BS, threshold, **kw) ->
         num_steps=final.iterations,
         records=final.records,
         num_rollbacks=final.rollbacks_B,
+        pass_width_counts=final.width_counts_P,
     )
 
 

@@ -75,6 +75,8 @@ class DecodeResult:
       num_steps: [] int32 loop iterations.
       records: FREE's `AgreementRecords` (all invalid for the other decoders).
       num_rollbacks: [B] int32 FREE rollbacks (rejected shallow tokens); 0 elsewhere.
+      pass_width_counts: [P] int32, FREE: how many deep passes the batch ran at each static width
+        of `pass_widths(W)` (P of them; a pass costs its width, see the benchmark); [0] elsewhere.
     """
 
     tokens: jax.Array
@@ -87,6 +89,7 @@ class DecodeResult:
     num_steps: jax.Array
     records: AgreementRecords
     num_rollbacks: jax.Array
+    pass_width_counts: jax.Array
 
     def exit_rate(self, deep_layer: int):
         """Fraction of produced tokens whose exit layer is below `deep_layer` (numpy float)."""
@@ -239,6 +242,7 @@ class FreeState:
       rollbacks_B: [B] int32 rejected shallow tokens.
       batch_layers: [] int32 layers run for the batch.
       iterations: [] int32 shallow steps taken (a step that needed a pass counts once).
+      width_counts_P: [P] int32 deep passes run at each static width (P = len(pass_widths(W))).
       pending: [] bool, the last shallow step needs a deep pass that has not run yet; the
         fields below hold that step's shallow outputs (its position is `pos_B`, its layer-S
         input already sits in stack slot `stack_len_B`).
@@ -260,6 +264,7 @@ class FreeState:
     rollbacks_B: jax.Array
     batch_layers: jax.Array
     iterations: jax.Array
+    width_counts_P: jax.Array
     pending: jax.Array
     shallow_token_B: jax.Array
     shallow_conf_B: jax.Array
@@ -339,6 +344,7 @@ def result_from_log(log: TokenLog, **counters) -> DecodeResult:
         num_steps=jnp.zeros((), jnp.int32),
         records=AgreementRecords.empty(b, n),
         num_rollbacks=zeros_B,
+        pass_width_counts=jnp.zeros((0,), jnp.int32),
     )
     fields.update(counters)
     return DecodeResult(

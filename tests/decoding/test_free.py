@@ -206,6 +206,7 @@ def test_counters_match_hand_counts():
     out = _free()(params, one, NEVER, max_lengths=[N])
     assert int(out.lengths[0]) == N
     assert int(out.num_deep_passes[0]) == N and int(out.layers_computed[0]) == N * L
+    np.testing.assert_array_equal(out.pass_width_counts, [N, 0, 0])  # widths (1, 2, 4), all 1
     # Always exit, W = 4: the stack fills at steps 3 and 7 (3 stacked + current), forcing passes.
     out = _free()(params, one, ALWAYS)
     assert int(out.lengths[0]) == N, "pick inputs without an early EOS"
@@ -214,6 +215,7 @@ def test_counters_match_hand_counts():
     assert int(out.layers_computed[0]) == N * S + 2 * (L - S)
     assert int(out.batch_layers_computed) == N * S + 2 * (L - S)
     assert int(out.num_steps) == N
+    np.testing.assert_array_equal(out.pass_width_counts, [0, 0, 2])
     assert np.asarray(out.records.valid[0]).all()  # the two passes covered every position
     # Batch, max lengths 3, 8, 5. Example 0 stops after 3 tokens with 3 stacked (plain FREE does
     # not verify them); the forced pass at step 3 covers examples 1 and 2; example 2 stops after
@@ -224,6 +226,7 @@ def test_counters_match_hand_counts():
     np.testing.assert_array_equal(out.num_deep_passes, [0, 2, 1])
     np.testing.assert_array_equal(out.layers_computed, [3 * S, N * S + 2 * (L - S), 5 * S + 3])
     assert int(out.batch_layers_computed) == N * S + 2 * (L - S)
+    np.testing.assert_array_equal(out.pass_width_counts, [0, 0, 2])  # both passes 4 wide
 
 
 def test_pass_widths():

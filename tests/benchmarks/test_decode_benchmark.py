@@ -1,0 +1,91 @@
+"""The decode benchmark's plumbing on a tiny model (what it prints, not how fast anything is)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+
+from free_jax.benchmarks import decode as bench
+from free_jax.decoding import cpu_flags
+
+
+def test_records_carry_bounds_and_pass_widths(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    bench.main([
+        "--preset", "tiny", "--shallow", "1", "--batch_sizes", "1", "2", "--max_decode_len", "8",
+        "--source_len", "6", "--window", "4", "--repeats", "1", "--no_hf",
+        "--decoders", "greedy", "static", "free", "free_norecords", "--force_exit_rate", "0.5",
+        "--json", str(out),
+    ])  # fmt: skip
+    printed = capsys.readouterr().out
+    records = json.loads(out.read_text())
+    assert {(r["decoder"], r["batch_size"]) for r in records} == {
+        (d, b) for d in ("greedy", "static", "free", "free_norecords") for b in (1, 2)
+    }
+    for r in records:
+        for key in (
+            "decoder",
+            "batch_size",
+            "tokens_per_s",
+            "speedup_vs_full",
+            "exit_rate",
+            "bound",
+        ):
+            assert key in r
+        if r["decoder"].startswith("free"):
+            counts = r["pass_width_counts"]
+            assert list(counts) == ["1", "2", "4"]  # pass_widths(4), as JSON keys
+            assert sum(counts.values()) > 0 and r["pieces_bound"] > 0
+            if r["batch_size"] == 1:  # at batch 1 every pass is the example's own
+                assert sum(counts.values()) == r["deep_passes"]
+        else:
+            assert r["pieces_bound"] is None
+    assert "deep passes by width" in printed and "exit head on C rows" in printed
+
+
+def test_pieces_bound_hand_count():
+    class Result:  # 8 tokens; 8 shallow steps; two passes, 4 wide
+        lengths = np.array([8])
+        num_steps = np.array(8)
+        pass_width_counts = np.array([0, 0, 2])
+
+    parts = {
+        "layer": 1.0,
+        "head": 2.0,
+        "deep": {1: 3.0, 2: 4.0, 4: 5.0},
+        "head_rows": {1: 2.0, 2: 3.0, 4: 4.0},
+    }
+    # greedy: 8 * (4 layers + head) = 48; FREE: 8 * (1 + 2) + 2 * (5 + 4) = 42, lean: 8 * 3 + 2 * 7
+    assert bench.pieces_bound("free", Result, parts, 4, 1) == 48 / 42
+    assert bench.pieces_bound("free_norecords", Result, parts, 4, 1) == 48 / 38
+    assert bench.pieces_bound("greedy", Result, parts, 4, 1) is None
+
+
+def test_cpu_decode_flags_are_accepted_by_this_jaxlib():
+    # XLA aborts a process whose XLA_FLAGS it does not know; a fresh process shows it starts.
+    code = textwrap.dedent("""
+        from free_jax.decoding import cpu_flags
+        flags = cpu_flags.apply()
+        import jax, jax.numpy as jnp
+        x = jnp.ones((4, 64))
+        print(flags, float(jax.jit(lambda a: (a @ a.T).sum())(x)))
+    """)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=true"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    flags, total = done.stdout.split("\n")[-2].rsplit(" ", 1)
+    assert float(total) == 4 * 4 * 64
+    # the earlier value of a flag it sets is replaced, not duplicated
+    assert flags.split() == list(cpu_flags.DECODE_FLAGS)
+
+
+def test_cpu_decode_flags_refuse_a_started_backend():
+    import jax.numpy as jnp
+    import pytest
+
+    jnp.zeros(1).block_until_ready()  # the test process's backend is running
+    with pytest.raises(RuntimeError, match="before the first JAX computation"):
+        cpu_flags.apply()
