@@ -18,7 +18,13 @@ from free_jax.decoding.confidence import (
     softmax_margin,
     softmax_max,
 )
-from free_jax.decoding.free import free_decode, free_loop, free_lossless_decode, pass_widths
+from free_jax.decoding.free import (
+    free_bound,
+    free_decode,
+    free_loop,
+    free_lossless_decode,
+    pass_widths,
+)
 from free_jax.decoding.greedy import greedy_decode, sample_decode
 from free_jax.decoding.state import AgreementRecords, BeamResult, DecodeResult
 from free_jax.decoding.static import static_decode
@@ -36,6 +42,7 @@ __all__ = [
     "calm_decode",
     "decayed_threshold",
     "decode",
+    "free_bound",
     "free_decode",
     "free_lossless_decode",
     "free_loop",

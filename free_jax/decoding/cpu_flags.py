@@ -5,9 +5,12 @@ XLA:CPU's defaults such a skinny matrix product costs about three times a one-po
 where reading the weights once should cost about the same: measured here (2-core x86-64, jax
 0.10) on a t5-large-shaped block, the 18 deep layers took 79 ms for one position, 147 ms for two
 and 250 ms for four. With YNNPACK's dot fusions off and Eigen single-threaded the same pass took
-65 / 106 / 111 ms, and one-position steps got no slower. Multi-threaded Eigen and YNNPACK win
-on large products (training, wide batches), so the flags are meant for processes that only decode
-on a CPU, and are never set implicitly (`python -m free_jax.benchmarks.decode --cpu_decode_flags`).
+65 / 106 / 111 ms, and one-position steps got no slower. They are not a general win: on a
+t5-small shape the exit head over two or more positions (a 512 x 32128 product) became ~10x
+slower and FREE with records fell from 1.1x to 0.8x of greedy. Multi-threaded Eigen and YNNPACK
+also win on large products (training, wide batches). So the flags are never set implicitly: a
+process that only decodes on a CPU opts in, after measuring its own model
+(`python -m free_jax.benchmarks.decode --cpu_decode_flags`).
 
 XLA reads `XLA_FLAGS` once, when its CPU backend starts, and aborts the process on a flag it does
 not know, so `apply()` must run before the first JAX computation; tests check the flags are

@@ -81,6 +81,16 @@ def pass_widths(window: int) -> tuple[int, ...]:
     return (*widths, window)
 
 
+def free_bound(num_layers: int, shallow: int, exit_rate: float) -> float:
+    """FREE's decoder-compute bound L / (S + (1 - p)(L - S)): its speedup over the full model if
+    only decoder layers cost, at exit rate p.
+
+    >>> free_bound(8, 2, 1.0), free_bound(8, 2, 0.0)
+    (4.0, 1.0)
+    """
+    return num_layers / (shallow + (1.0 - exit_rate) * (num_layers - shallow))
+
+
 def _take_rows(a_BN: jax.Array, idx_BM: jax.Array) -> jax.Array:
     """a_BN[b, idx_BM[b, m]] with indices clipped into range."""
     return jnp.take_along_axis(a_BN, jnp.clip(idx_BM, 0, a_BN.shape[1] - 1), axis=1)

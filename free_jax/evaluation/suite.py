@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
+from free_jax.decoding import free_bound
 from free_jax.evaluation.runner import (
     DecoderChoice,
     DecoderRun,
@@ -85,11 +86,6 @@ def device_name() -> str:
     return f"{d.platform}:{getattr(d, 'device_kind', d.platform)}"
 
 
-def _bound(num_layers: int, shallow: int, p: float) -> float:
-    """FREE's decoder-compute bound L / (S + (1 - p)(L - S)) at exit rate p."""
-    return num_layers / (shallow + (1.0 - p) * (num_layers - shallow))
-
-
 def _record(run: DecoderRun, scores, predictions, full, config: T5Config, metric: str, kind: str):
     num_layers, shallow = config.num_decoder_layers, config.shallow_layer
     p = run.exit_rate(num_layers)
@@ -113,7 +109,9 @@ def _record(run: DecoderRun, scores, predictions, full, config: T5Config, metric
         "exit_rate": p,
         "layers_per_token": run.layers_per_token,
         "deep_passes_per_token": run.deep_passes_per_token,
-        "bound": _bound(num_layers, shallow, p) if run.choice.method.startswith("free") else None,
+        "bound": free_bound(num_layers, shallow, p)
+        if run.choice.method.startswith("free")
+        else None,
         "same_outputs_as_full": same if full else 1.0,
         "loop_rate": scores["loop_rate"],
         "compile_s": run.compile_s,

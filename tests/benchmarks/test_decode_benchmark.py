@@ -7,8 +7,10 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 
 from free_jax.benchmarks import decode as bench
+from free_jax.benchmarks.decode_bounds import pieces_bound
 from free_jax.decoding import cpu_flags
 
 
@@ -59,9 +61,9 @@ def test_pieces_bound_hand_count():
         "head_rows": {1: 2.0, 2: 3.0, 4: 4.0},
     }
     # greedy: 8 * (4 layers + head) = 48; FREE: 8 * (1 + 2) + 2 * (5 + 4) = 42, lean: 8 * 3 + 2 * 7
-    assert bench.pieces_bound("free", Result, parts, 4, 1) == 48 / 42
-    assert bench.pieces_bound("free_norecords", Result, parts, 4, 1) == 48 / 38
-    assert bench.pieces_bound("greedy", Result, parts, 4, 1) is None
+    assert pieces_bound("free", Result, parts, 4, 1) == 48 / 42
+    assert pieces_bound("free_norecords", Result, parts, 4, 1) == 48 / 38
+    assert pieces_bound("greedy", Result, parts, 4, 1) is None
 
 
 def test_cpu_decode_flags_are_accepted_by_this_jaxlib():
@@ -84,7 +86,6 @@ def test_cpu_decode_flags_are_accepted_by_this_jaxlib():
 
 def test_cpu_decode_flags_refuse_a_started_backend():
     import jax.numpy as jnp
-    import pytest
 
     jnp.zeros(1).block_until_ready()  # the test process's backend is running
     with pytest.raises(RuntimeError, match="before the first JAX computation"):

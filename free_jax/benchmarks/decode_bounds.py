@@ -1,0 +1,151 @@
+"""What a decoding step's pieces cost on this machine, and the speedup bounds they imply.
+
+Used by `free_jax.benchmarks.decode`, whose module doc explains its `bound`, `bound+heads` and
+`pieces` columns: decoder layers only; exit heads counted too; and (FREE) every piece timed here,
+each deep pass charged at the width it ran at.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from free_jax.decoding import confidence as conf_lib
+from free_jax.decoding import free_bound, pass_widths
+from free_jax.models import T5, init_cache
+
+FREE_LIKE = ("free", "free_norecords", "free_lossless")
+
+
+def layer_bound(name: str, result, config, shallow: int, exit_layer: int) -> float:
+    """The decoder-compute bound of `name`'s run: decoder layers only (see the benchmark doc)."""
+    num_layers = config.num_decoder_layers
+    if name in FREE_LIKE:
+        return free_bound(num_layers, shallow, result.exit_rate(num_layers))
+    if name == "static":
+        return num_layers / exit_layer
+    if name == "calm":
+        exit_layer_BN = np.asarray(result.exit_layer)
+        return num_layers / float(exit_layer_BN[exit_layer_BN > 0].mean())
+    return 1.0
+
+
+def bound_with_heads(name, result, num_layers, shallow, static_k, h):
+    """`layer_bound` with every exit head counted as `h` layers (the full model pays one per token).
+
+    FREE: one head per token at S and one per deep pass; static: one at k; CALM: one at every
+    layer it tests, from its minimum exit layer (S here) up to where the token leaves.
+    """
+    p = result.exit_rate(num_layers)
+    if name in FREE_LIKE:
+        return (num_layers + h) / (shallow + h + (1 - p) * (num_layers - shallow + h))
+    if name == "static":
+        return (num_layers + h) / (static_k + h)
+    if name == "calm":
+        exit_layer = np.asarray(result.exit_layer)
+        exit_layer = exit_layer[exit_layer > 0].astype(np.float64)
+        return (num_layers + h) / float(np.mean(exit_layer + h * (exit_layer - shallow + 1)))
+    return 1.0
+
+
+def component_times(config, params, enc: np.ndarray, window: int, repeats: int = 20) -> dict:
+    """Milliseconds of one decoding step's pieces at this batch size (jitted, median of repeats).
+
+    `layer`: one decoder layer on one position; `head`: the exit head with its confidence (the
+    shared final norm, the LM head, softmax top-1 minus top-2); `deep[C]`: the deep layers [S, L)
+    on a chunk of C positions, C in FREE's pass widths; `head_rows[C]`: the exit head on C
+    positions (what a FREE pass with records pays). They explain the table: the LM head is paid
+    at every exit FREE or CALM tests, and a pass over C positions costs deep[C].
+    """
+    model = T5(config)
+    b, shallow, num_layers = enc.shape[0], config.shallow_layer, config.num_decoder_layers
+    enc = jnp.asarray(enc)
+
+    inner = 8  # each piece runs this many times inside one jitted loop: no per-call dispatch,
+    # and the key/value cache is carried (updated in place) instead of rebuilt for every call
+
+    def looped(piece):
+        """A jitted function running `inner` dependent calls of `piece`, and ms per call."""
+
+        def run(p, x, cache, cross):
+            def body(_, carry):
+                x, cache = carry
+                y, cache = piece(p, x, cache, cross)
+                # the next call's input depends on this one's output, so none is skipped
+                return x + 1e-6 * jnp.mean(y).astype(x.dtype), cache
+
+            return jax.lax.fori_loop(0, inner, body, (x, cache))[0]
+
+        return jax.jit(run)
+
+    def layers(start, end):
+        def piece(p, hidden, cache, cross):
+            return model.apply(
+                {"params": p}, hidden, start=start, end=end, cache=cache, cross=cross,
+                encoder_mask_BS=enc != 0, offset_B=jnp.full((b,), 60, jnp.int32),
+                method=T5.decode_layers,
+            )  # fmt: skip
+
+        return looped(piece)
+
+    def head_piece(p, rows_RD, cache, cross):
+        logits = model.apply({"params": p}, rows_RD, method=T5.exit_logits)
+        return conf_lib.softmax_margin(logits), cache
+
+    def ms(fn, x):
+        args = (params, x, cache, cross)
+        jax.block_until_ready(fn(*args))
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times.append(time.perf_counter() - t0)
+        return 1000 * statistics.median(times) / inner
+
+    cross = jax.jit(
+        lambda p: model.apply(
+            {"params": p}, model.apply({"params": p}, enc, method=T5.encode),
+            method=T5.precompute_cross,
+        )
+    )(params)  # fmt: skip
+    cache = init_cache(config, b, 128)
+    hidden = lambda c: jnp.ones((b, c, config.d_model), config.compute_dtype)
+    head = looped(head_piece)
+    rows = lambda c: hidden(c).reshape(b * c, config.d_model)
+    return {
+        "layer": ms(layers(0, 1), hidden(1)),
+        "head": ms(head, rows(1)),
+        "deep": {c: ms(layers(shallow, num_layers), hidden(c)) for c in pass_widths(window)},
+        "head_rows": {c: ms(head, rows(c)) for c in pass_widths(window)},
+    }
+
+
+def pieces_bound(name: str, result, parts: dict, num_layers: int, shallow: int) -> float | None:
+    """FREE's speedup over full greedy if its loop cost nothing beyond its measured pieces.
+
+    Full greedy pays L layers and a head per step; FREE one shallow step (S layers and a head)
+    per iteration plus, for each deep pass, deep[C] at the width C it ran at and the deep exit's
+    head (on every covered row when it keeps records, on one row per example otherwise). Unlike
+    the layer-count bounds this charges a pass what it costs at its width on this machine, so
+    `speedup / pieces_bound` isolates the loop's own overhead. None for other decoders.
+    """
+    if name not in FREE_LIKE:
+        return None
+    steps_per_example = np.asarray(result.lengths).max()  # greedy's loop runs this many steps
+    greedy_ms = steps_per_example * (num_layers * parts["layer"] + parts["head"])
+    counts = np.asarray(result.pass_width_counts)
+    widths = list(parts["deep"])
+    passes_ms = sum(
+        n
+        * (
+            parts["deep"][c]
+            + (parts["head"] if name == "free_norecords" else parts["head_rows"][c])
+        )
+        for n, c in zip(counts, widths, strict=True)
+    )
+    free_ms = int(result.num_steps) * (shallow * parts["layer"] + parts["head"]) + passes_ms
+    return float(greedy_ms / free_ms)
