@@ -24,9 +24,10 @@ from free_jax.calibration import (
     plot_calibration,
     save_threshold,
 )
-from free_jax.data import eval_batches, get_task, load_source
-from free_jax.evaluation import DecoderChoice, EvalSettings, make_batches, run_decoder
-from free_jax.loading import describe_config, load_model
+from free_jax.data import get_task
+from free_jax.evaluation import DecoderChoice, EvalSettings, run_decoder
+from free_jax.evaluation.runner import split_batches
+from free_jax.loading import describe_config, load_model_and_tokenizer
 from free_jax.train import parse_flags, parse_gin
 
 NEVER_EXIT = (
@@ -69,16 +70,14 @@ def calibrate(
 ):
     """Decodes, fits and writes `threshold.json`; returns the `ThresholdResult`."""
     settings = settings or EvalSettings()
-    config, params, tok = load_model(checkpoint, tokenizer)
-    if tok is None:
-        raise FileNotFoundError(f"{checkpoint}: no tokenizer found; pass calibrate.tokenizer")
-    task_obj = get_task(task)
-    source = load_source(task_obj, split, data_dir=data_dir)
-    raw = eval_batches(
-        source, task_obj, tok, batch_size=batch_size, max_input_length=max_input_length,
-        max_target_length=settings.max_decode_len, shard_index=0, shard_count=1,
+    config, params, tok = load_model_and_tokenizer(
+        checkpoint, tokenizer, flag="calibrate.tokenizer"
+    )
+    batches = split_batches(
+        get_task(task), tok, split, data_dir=data_dir, batch_size=batch_size,
+        max_input_length=max_input_length, max_target_length=settings.max_decode_len,
+        limit=num_examples,
     )  # fmt: skip
-    batches = make_batches(raw, limit=num_examples)
     n = sum(b.num_real for b in batches)
     print(f"{describe_config(config)}; calibrating on {task}/{split}: {n} examples")
     conf, agree = collect_records(config, params, batches, settings, progress)

@@ -17,11 +17,12 @@ from pathlib import Path
 import gin
 
 from free_jax.calibration import load_threshold, plot_calibration
-from free_jax.data import eval_batches, get_task, load_source
-from free_jax.evaluation import EvalSettings, SuiteSpec, make_batches, run_suite, write_report
+from free_jax.data import get_task
+from free_jax.evaluation import EvalSettings, SuiteSpec, run_suite, write_report
 from free_jax.evaluation.report import markdown_table
+from free_jax.evaluation.runner import split_batches
 from free_jax.evaluation.suite import device_name
-from free_jax.loading import describe_config, load_model
+from free_jax.loading import describe_config, load_model_and_tokenizer
 from free_jax.train import parse_flags, parse_gin
 
 gin.external_configurable(EvalSettings, module="free_jax")
@@ -46,19 +47,16 @@ def evaluate(
     """Loads the model, runs the suite, writes the report; returns {"records", "paths", ...}."""
     settings = settings or EvalSettings()
     suite = suite or SuiteSpec()
-    config, params, tok = load_model(checkpoint, tokenizer)
-    if tok is None:
-        raise FileNotFoundError(f"{checkpoint}: no tokenizer found; pass evaluate.tokenizer")
+    config, params, tok = load_model_and_tokenizer(checkpoint, tokenizer, flag="evaluate.tokenizer")
     task_obj = get_task(task)
     if threshold_file:
         calibrated = load_threshold(threshold_file)
         suite = SuiteSpec(**{**suite.__dict__, "calibrated_threshold": calibrated.threshold})
-    source = load_source(task_obj, split, data_dir=data_dir)
-    raw = eval_batches(
-        source, task_obj, tok, batch_size=max(suite.batch_sizes), max_input_length=max_input_length,
-        max_target_length=settings.max_decode_len, shard_index=0, shard_count=1,
+    batches = split_batches(
+        task_obj, tok, split, data_dir=data_dir, batch_size=max(suite.batch_sizes),
+        max_input_length=max_input_length, max_target_length=settings.max_decode_len,
+        limit=num_examples,
     )  # fmt: skip
-    batches = make_batches(raw, limit=num_examples)
     n = sum(b.num_real for b in batches)
     print(f"{describe_config(config)}; {task}/{split}: {n} examples; device {device_name()}")
     records, extras = run_suite(

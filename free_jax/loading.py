@@ -59,6 +59,15 @@ def load_model(checkpoint: str, tokenizer: str | None = None, **config_overrides
     return config, params, tok
 
 
+def load_model_and_tokenizer(checkpoint: str, tokenizer: str | None, *, flag: str):
+    """`load_model` for entry points that must turn text into ids: no tokenizer is an error
+    naming the flag (`flag`, e.g. "evaluate.tokenizer") that supplies one."""
+    config, params, tok = load_model(checkpoint, tokenizer)
+    if tok is None:
+        raise FileNotFoundError(f"{checkpoint}: no tokenizer found; pass {flag}")
+    return config, params, tok
+
+
 def describe_config(config: T5Config) -> str:
     return (
         f"T5 d_model={config.d_model} heads={config.num_heads} encoder={config.num_encoder_layers} "

@@ -96,7 +96,7 @@ def _axes_of(name: str, ndim: int) -> tuple[str | None, ...]:
 def param_logical_axes(params) -> dict:
     """A pytree like `params` whose leaves are tuples of logical axis names (None: unnamed).
 
-    >>> param_logical_axes({"decoder": {"layers_0": {"mlp": {"wo": {"kernel": w_FD}}}}})
+    >>> param_logical_axes({"decoder": {"layers_0": {"mlp": {"wo": {"kernel": np.zeros((8, 4))}}}}})
     {'decoder': {'layers_0': {'mlp': {'wo': {'kernel': ('mlp', 'embed')}}}}}
     """
     flat = traverse_util.flatten_dict(params, sep="/")
@@ -107,8 +107,8 @@ def param_logical_axes(params) -> dict:
 def logical_to_spec(axes: Sequence[str | None], rules: Rules, mesh: Mesh) -> PartitionSpec:
     """Maps logical axes to a PartitionSpec over the mesh axes that exist; a mesh axis is used once.
 
-    >>> logical_to_spec(("batch", "length"), RULES["fsdp"], make_mesh(data=2, model=4))
-    PartitionSpec('data', None)
+    >>> tuple(logical_to_spec(("batch", "length"), RULES["fsdp"], make_mesh(data=1, model=1)))
+    ('data', None)
     """
     table = dict(rules)
     used: set[str] = set()

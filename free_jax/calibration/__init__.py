@@ -14,16 +14,18 @@ from free_jax.calibration.common import (
     EPS,
     FALLBACK_THRESHOLD,
     MIN_POINTS,
-    BetaParams,
     CalibrationWarning,
+)
+from free_jax.calibration.moments import fit_moments_threshold
+from free_jax.calibration.online import OnlineThreshold, RefitRecord
+from free_jax.calibration.plots import plot_calibration
+from free_jax.calibration.result import (
+    BetaParams,
     ThresholdFileError,
     ThresholdResult,
     load_threshold,
     save_threshold,
 )
-from free_jax.calibration.moments import fit_moments_threshold
-from free_jax.calibration.online import OnlineThreshold, RefitRecord
-from free_jax.calibration.plots import plot_calibration
 
 __all__ = [
     "EPS",

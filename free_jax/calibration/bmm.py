@@ -56,9 +56,7 @@ from free_jax.calibration.common import (
     EPS,
     FALLBACK_THRESHOLD,
     MIN_POINTS,
-    BetaParams,
     CleanData,
-    ThresholdResult,
     check_fallback,
     check_zeta,
     clean_inputs,
@@ -66,6 +64,7 @@ from free_jax.calibration.common import (
     fallback_result,
 )
 from free_jax.calibration.moments import weighted_beta_moments
+from free_jax.calibration.result import BetaParams, ThresholdResult
 
 PRIOR_LOC = 0.0
 PRIOR_SCALE = 2.0

@@ -43,8 +43,6 @@ import numpy as np
 from free_jax.calibration.common import (
     FALLBACK_THRESHOLD,
     MIN_POINTS,
-    BetaParams,
-    ThresholdResult,
     agree_posterior,
     check_fallback,
     check_zeta,
@@ -52,6 +50,7 @@ from free_jax.calibration.common import (
     degenerate_reason,
     fallback_result,
 )
+from free_jax.calibration.result import BetaParams, ThresholdResult
 
 # Reference's supervised responsibilities: own label 1 - lam_r = 0.2, other label floored at 1e-4.
 OWN_WEIGHT = 0.2

@@ -38,11 +38,11 @@ from free_jax.calibration.bmm import fit_bmm_threshold
 from free_jax.calibration.common import (
     FALLBACK_THRESHOLD,
     CalibrationWarning,
-    ThresholdResult,
     check_fallback,
     clean_inputs,
 )
 from free_jax.calibration.moments import fit_moments_threshold
+from free_jax.calibration.result import ThresholdResult
 
 FitFn = Callable[..., ThresholdResult]
 

@@ -19,11 +19,11 @@ from matplotlib.figure import Figure
 
 from free_jax.calibration.common import (
     EPS,
-    ThresholdResult,
     agree_posterior,
     beta_logpdf,
     clean_inputs,
 )
+from free_jax.calibration.result import ThresholdResult
 
 _AGREE_COLOR = "tab:blue"
 _DISAGREE_COLOR = "tab:red"

@@ -40,11 +40,14 @@ def markdown_table(records: list[dict], kind: str = "main") -> str:
     return "\n".join(lines)
 
 
-def pareto_plot(records: list[dict], path: str | Path, title: str = "") -> str:
-    """Quality (ratio to full) against measured speedup, FREE and CALM threshold sweeps as curves."""
-    batch = records[0]["batch_size"] if records else None
-    rows = [r for r in records if r["batch_size"] == batch]
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+# Fixed-setting decoders: (colour, marker). FREE's fixed settings get one marker and distinct
+# colours in order of appearance, so its several stars stay tellable apart.
+_MARKERS = {"greedy": ("k", "s"), "static": ("tab:gray", "v"), "free_lossless": ("tab:green", "D"),
+            "calm": ("tab:orange", "P")}  # fmt: skip
+_FREE_COLOURS = ("tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+
+
+def _pareto_panel(ax, rows: list[dict], batch: int, free_colour: dict[str, str]) -> None:
     for method, color, label in (("free", "tab:blue", "FREE"), ("calm", "tab:orange", "CALM")):
         pts = sorted(
             (r["speedup_vs_full"], 100 * r["score_ratio_vs_full"], r["threshold"])
@@ -52,31 +55,53 @@ def pareto_plot(records: list[dict], path: str | Path, title: str = "") -> str:
             if r["method"] == method and r["kind"] == "sweep"
         )
         if pts:
-            ax.plot(
-                [p[0] for p in pts], [p[1] for p in pts], "o-", color=color, label=f"{label} sweep"
-            )
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=color, alpha=0.6, ms=4,
+                    label=f"{label} threshold sweep")  # fmt: skip
             for x, y, thr in pts:
-                ax.annotate(
-                    f"{thr:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7
-                )
-    markers = {
-        "greedy": ("k", "s"),
-        "static": ("tab:gray", "v"),
-        "free_lossless": ("tab:green", "D"),
-    }
+                ax.annotate(f"{thr:g}", (x, y), textcoords="offset points", xytext=(3, 3),
+                            fontsize=6, color=color)  # fmt: skip
     for r in rows:
         if r["kind"] != "main":
             continue
-        color, marker = markers.get(r["method"], ("tab:red", "*"))
+        if r["method"] == "free":
+            color = free_colour.setdefault(
+                r["decoder"], _FREE_COLOURS[len(free_colour) % len(_FREE_COLOURS)]
+            )
+            marker = "*"
+        else:
+            color, marker = _MARKERS.get(r["method"], ("tab:red", "*"))
         ax.scatter(r["speedup_vs_full"], 100 * r["score_ratio_vs_full"], color=color, marker=marker,
-                   s=60, zorder=3, label=r["decoder"])  # fmt: skip
-    ax.axhline(99, color="gray", lw=0.8, ls="--")
+                   s=90 if marker == "*" else 50, zorder=3, label=r["decoder"],
+                   edgecolors="white", linewidths=0.5)  # fmt: skip
+    ax.axhline(99, color="gray", lw=0.8, ls="--", label="99% of full")
+    ax.axvline(1, color="gray", lw=0.5)
+    ax.set_title(f"batch {batch}", fontsize=10)
     ax.set_xlabel("speedup over full greedy (wall clock, same run)")
-    ax.set_ylabel(f"{rows[0]['metric'].upper() if rows else 'score'} relative to full model (%)")
-    ax.set_title(title or f"quality vs speed, batch {batch}, {rows[0]['device'] if rows else ''}")
-    ax.legend(fontsize=7, loc="lower left")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
+
+
+def pareto_plot(records: list[dict], path: str | Path, title: str = "") -> str:
+    """Quality (ratio to full) against measured speedup: one panel per batch size, FREE and CALM
+    threshold sweeps as curves, every fixed-setting decoder as a point, one legend below."""
+    batches = sorted({r["batch_size"] for r in records})
+    fig, axes = plt.subplots(1, max(len(batches), 1), figsize=(5.2 * max(len(batches), 1), 4.8),
+                             sharey=True, squeeze=False)  # fmt: skip
+    free_colour: dict[str, str] = {}
+    for ax, batch in zip(axes[0], batches, strict=False):
+        _pareto_panel(ax, [r for r in records if r["batch_size"] == batch], batch, free_colour)
+    metric = records[0]["metric"].upper() if records else "score"
+    axes[0][0].set_ylabel(f"{metric} relative to full model (%)")
+    device = records[0]["device"] if records else ""
+    fig.suptitle(title or f"quality vs speed ({device})", fontsize=11)
+    handles, labels = {}, []
+    for ax in axes[0]:
+        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            if label not in handles:
+                handles[label] = h
+                labels.append(label)
+    fig.legend([handles[k] for k in labels], labels, loc="lower center", ncol=4, fontsize=7,
+               frameon=False)  # fmt: skip
+    fig.tight_layout(rect=(0, 0.06 + 0.035 * ((len(labels) + 3) // 4), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return str(path)

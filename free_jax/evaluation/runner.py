@@ -17,6 +17,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from free_jax.calibration import OnlineThreshold
+from free_jax.data import eval_batches, load_source
 from free_jax.decoding import make_decoder
 from free_jax.evaluation import metrics
 from free_jax.models import T5Config
@@ -128,6 +129,29 @@ def make_batches(raw_batches: Iterable[dict], limit: int | None = None) -> list[
         out.append(EvalBatch(enc, num_real, list(raw["references"][:num_real])))
         seen += num_real
     return out
+
+
+def split_batches(
+    task,
+    tokenizer,
+    split: str,
+    *,
+    data_dir: str | None,
+    batch_size: int,
+    max_input_length: int,
+    max_target_length: int,
+    limit: int | None,
+) -> list[EvalBatch]:
+    """The first `limit` examples of a task's split (all when None), tokenized, in fixed batches.
+
+    Every example goes to this process (evaluation and calibration score whole splits).
+    """
+    raw = eval_batches(
+        load_source(task, split, data_dir=data_dir), task, tokenizer, batch_size=batch_size,
+        max_input_length=max_input_length, max_target_length=max_target_length, shard_index=0,
+        shard_count=1,
+    )  # fmt: skip
+    return make_batches(raw, limit=limit)
 
 
 def rebatch(batches: Sequence[EvalBatch], batch_size: int) -> list[EvalBatch]:

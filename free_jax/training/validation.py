@@ -34,8 +34,8 @@ from free_jax.training.losses import exit_losses
 def greedy_decode(config: T5Config, params, encoder_tokens_BS: jax.Array, max_decode_len: int):
     """Greedy tokens [B, max_decode_len] from the deep exit; positions after EOS hold pad (0).
 
-    >>> tokens = greedy_decode(config, params, enc_BS, max_decode_len=32)
-    >>> tokenizer.decode(tokens[0])   # stops at EOS
+    For example `tokenizer.decode(greedy_decode(config, params, enc_BS, max_decode_len=32)[0])`
+    is the first example's text, up to its EOS.
     """
     model, v = T5(config), {"params": params}
     b = encoder_tokens_BS.shape[0]

@@ -16,7 +16,8 @@ from free_jax.calibration import (
     save_threshold,
 )
 from free_jax.calibration.bmm import beta_loglik, sufficient_stats, thresholds_per_sample
-from free_jax.calibration.common import BetaParams, agree_posterior, threshold_from_curve
+from free_jax.calibration.common import agree_posterior, threshold_from_curve
+from free_jax.calibration.result import BetaParams
 
 # Small NUTS settings (a few hundred draws) keep the test set fast; every NUTS call in this file
 # uses the same ones so the chain compiles once.

@@ -14,13 +14,14 @@ from free_jax.calibration import (
     online,
     plot_calibration,
 )
-from free_jax.calibration.common import BetaParams, agree_posterior
+from free_jax.calibration.common import agree_posterior
 from free_jax.calibration.moments import (
     LEAK,
     grid_threshold,
     moments_grid,
     weighted_beta_moments,
 )
+from free_jax.calibration.result import BetaParams
 
 AGREE = [0.7, 0.8, 0.9]
 DISAGREE = [0.1, 0.2, 0.3]

@@ -70,3 +70,21 @@ def test_calibrate_then_evaluate_every_decoder(trained):
     for name in names:
         assert f"| {name} |" in table
     assert np.isfinite([r["tokens_per_s"] for r in records]).all()
+
+
+def test_entry_points_without_a_tokenizer_name_the_flag(tmp_path):
+    import jax
+
+    from free_jax.checkpoints import save_params
+    from free_jax.models import init_params, preset
+
+    config = preset("tiny")
+    save_params(tmp_path / "export", config, init_params(config, jax.random.key(0)))
+    for entry, fn in (
+        ("evaluate", evaluate_entry.evaluate),
+        ("calibrate", calibrate_entry.calibrate),
+    ):
+        with pytest.raises(
+            FileNotFoundError, match=rf"no tokenizer found; pass {entry}\.tokenizer"
+        ):
+            fn(checkpoint=str(tmp_path / "export"), task=TASK, progress=False)
