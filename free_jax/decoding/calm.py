@@ -27,12 +27,11 @@ from free_jax.decoding import confidence as conf_lib
 from free_jax.decoding.state import (
     CalmState,
     DecodeResult,
-    TokenLog,
-    encode,
-    resolve_max_lengths,
+    decode_setup,
     result_from_log,
+    start_fields,
 )
-from free_jax.models import T5, T5Config, init_cache
+from free_jax.models import T5Config, init_cache
 from free_jax.models.cache import write_layer
 
 
@@ -66,16 +65,14 @@ def calm_decode(
     """
     conf_lib.check_measure(measure)
     config.check_exit_layer(min_exit_layer, what="CALM min_exit_layer")
-    model = T5(config).bind({"params": params})
-    ctx = encode(model, encoder_tokens_BS)
-    b, n, num_layers = encoder_tokens_BS.shape[0], max_decode_len, config.num_decoder_layers
-    max_len_B = resolve_max_lengths(max_lengths_B, b, n)
+    model, ctx, b, n, max_len_B = decode_setup(
+        config, params, encoder_tokens_BS, max_decode_len, max_lengths_B
+    )
+    num_layers = config.num_decoder_layers
     state = CalmState(
+        **start_fields(config, b, n, max_len_B),
         step=jnp.zeros((), jnp.int32),
-        last_token_B=jnp.full((b,), config.decoder_start_token_id, jnp.int32),
         cache=init_cache(config, b, n),
-        log=TokenLog.empty(b, n),
-        done_B=max_len_B <= 0,
         deep_B=jnp.zeros((b,), jnp.int32),
         layers_B=jnp.zeros((b,), jnp.int32),
         batch_layers=jnp.zeros((), jnp.int32),

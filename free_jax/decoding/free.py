@@ -56,12 +56,12 @@ from free_jax.decoding.state import (
     DecodeResult,
     FreeState,
     TokenLog,
-    encode,
-    resolve_max_lengths,
+    decode_setup,
     result_from_log,
     run_layers,
+    start_fields,
 )
-from free_jax.models import T5, T5Config, init_cache
+from free_jax.models import T5Config, init_cache
 
 MODES = ("plain", "rollback", "lossless")
 
@@ -135,12 +135,11 @@ def free_loop(
     if mode not in MODES:
         raise ValueError(f"unknown FREE mode {mode!r}; expected one of {MODES}")
     verify = mode != "plain"
-    model = T5(config).bind({"params": params})
-    ctx = encode(model, encoder_tokens_BS)
-    b, n, w = encoder_tokens_BS.shape[0], max_decode_len, window
-    num_layers, shallow = config.num_decoder_layers, config.shallow_layer
+    model, ctx, b, n, max_len_B = decode_setup(
+        config, params, encoder_tokens_BS, max_decode_len, max_lengths_B
+    )
+    w, num_layers, shallow = window, config.num_decoder_layers, config.shallow_layer
     widths = pass_widths(w)
-    max_len_B = resolve_max_lengths(max_lengths_B, b, n)
     rows_W = jnp.arange(w, dtype=jnp.int32)
 
     current_only = mode == "plain" and not records
@@ -326,14 +325,12 @@ def free_loop(
         return sync_step(s)
 
     state = FreeState(
+        **start_fields(config, b, n, max_len_B),
         pos_B=jnp.zeros((b,), jnp.int32),
-        last_token_B=jnp.full((b,), config.decoder_start_token_id, jnp.int32),
         cache=init_cache(config, b, n + w),  # slack: a pass near the end writes up to W rows
         stack_BWD=jnp.zeros((b, w, config.d_model), config.compute_dtype),
         stack_len_B=jnp.zeros((b,), jnp.int32),
-        log=TokenLog.empty(b, n),
         records=AgreementRecords.empty(b, n),
-        done_B=max_len_B <= 0,
         deep_B=jnp.zeros((b,), jnp.int32),
         layers_B=jnp.zeros((b,), jnp.int32),
         rollbacks_B=jnp.zeros((b,), jnp.int32),

@@ -18,13 +18,12 @@ from free_jax.decoding import confidence as conf_lib
 from free_jax.decoding.state import (
     DecodeResult,
     SingleExitState,
-    TokenLog,
-    encode,
-    resolve_max_lengths,
+    decode_setup,
     result_from_log,
     run_layers,
+    start_fields,
 )
-from free_jax.models import T5, DecoderCache, T5Config, init_cache
+from free_jax.models import DecoderCache, T5Config, init_cache
 
 # picks the next token [B] from the exit's logits [B, V] at a (traced) step
 Picker = Callable[[jax.Array, jax.Array], jax.Array]
@@ -79,17 +78,14 @@ def single_exit_decode(
     num_layers = config.num_decoder_layers if num_layers is None else num_layers
     if not 1 <= num_layers <= config.num_decoder_layers:
         raise ValueError(f"exit layer {num_layers} outside [1, {config.num_decoder_layers}]")
-    model = T5(config).bind({"params": params})
-    ctx = encode(model, encoder_tokens_BS)
-    b, n = encoder_tokens_BS.shape[0], max_decode_len
-    max_len_B = resolve_max_lengths(max_lengths_B, b, n)
+    model, ctx, b, n, max_len_B = decode_setup(
+        config, params, encoder_tokens_BS, max_decode_len, max_lengths_B
+    )
     full = init_cache(config, b, n)
     state = SingleExitState(
+        **start_fields(config, b, n, max_len_B),
         step=jnp.zeros((), jnp.int32),
-        last_token_B=jnp.full((b,), config.decoder_start_token_id, jnp.int32),
         cache=DecoderCache(layers=full.layers[:num_layers]),
-        log=TokenLog.empty(b, n),
-        done_B=max_len_B <= 0,
         batch_layers=jnp.zeros((), jnp.int32),
         layers_B=jnp.zeros((b,), jnp.int32),
     )

@@ -13,6 +13,8 @@ Output layout, shared by all decoders (position n holds the n-th token after the
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -318,6 +320,48 @@ def encode(model: T5, encoder_tokens_BS: jax.Array) -> EncoderContext:
     return EncoderContext(
         cross=model.precompute_cross(encoded_BSD),
         encoder_mask_BS=encoder_tokens_BS != model.config.pad_token_id,
+    )
+
+
+class DecodeSetup(NamedTuple):
+    """What a decoder computes before its loop (trace-time values, not loop state).
+
+    Attributes:
+      model: the bound `T5`.
+      ctx: the encoder's `EncoderContext`.
+      batch, length: B and N (`max_decode_len`).
+      max_len_B: [B] int32 per-example maximum lengths, clipped to N.
+    """
+
+    model: T5
+    ctx: EncoderContext
+    batch: int
+    length: int
+    max_len_B: jax.Array
+
+
+def decode_setup(
+    config, params, encoder_tokens_BS: jax.Array, max_decode_len: int, max_lengths_B=None
+):
+    """Binds the model, runs the encoder and resolves the per-example maximum lengths."""
+    model = T5(config).bind({"params": params})
+    b = encoder_tokens_BS.shape[0]
+    return DecodeSetup(
+        model=model,
+        ctx=encode(model, encoder_tokens_BS),
+        batch=b,
+        length=max_decode_len,
+        max_len_B=resolve_max_lengths(max_lengths_B, b, max_decode_len),
+    )
+
+
+def start_fields(config, batch: int, length: int, max_len_B: jax.Array) -> dict[str, jax.Array]:
+    """The fields every one-sequence-per-example state starts from: the decoder start token as the
+    last token [B], an empty `TokenLog` [B, N], and done [B] where the maximum length is 0."""
+    return dict(
+        last_token_B=jnp.full((batch,), config.decoder_start_token_id, jnp.int32),
+        log=TokenLog.empty(batch, length),
+        done_B=max_len_B <= 0,
     )
 
 
