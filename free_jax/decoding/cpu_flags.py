@@ -1,16 +1,17 @@
 """XLA:CPU compiler flags that make FREE's deep passes cheaper on a CPU (opt-in, per process).
 
 A FREE pass multiplies a few positions (C = 2..8 at batch 1) by every deep weight matrix. With
-XLA:CPU's defaults such a skinny matrix product costs about three times a one-position product,
-where reading the weights once should cost about the same: measured here (2-core x86-64, jax
-0.10) on a t5-large-shaped block, the 18 deep layers took 79 ms for one position, 147 ms for two
-and 250 ms for four. With YNNPACK's dot fusions off and Eigen single-threaded the same pass took
-65 / 106 / 111 ms, and one-position steps got no slower. They are not a general win: on a
-t5-small shape the exit head over two or more positions (a 512 x 32128 product) became ~10x
-slower and FREE with records fell from 1.1x to 0.8x of greedy. Multi-threaded Eigen and YNNPACK
-also win on large products (training, wide batches). So the flags are never set implicitly: a
-process that only decodes on a CPU opts in, after measuring its own model
-(`python -m free_jax.benchmarks.decode --cpu_decode_flags`).
+XLA:CPU's defaults such a skinny matrix product costs up to about three times a one-position
+product, where reading the weights once should cost about the same. These flags (YNNPACK's dot
+fusions off, Eigen single-threaded) make those products cheaper but other skinny products much
+dearer. Measured here (2-core x86-64, jax 0.10, two runs of the decode benchmark back to back on a
+t5-large-shaped model): the 18 deep layers over 8 positions took 130 ms without and 98 ms with the
+flags (48 and 55 ms for one position), but the exit head (1024 x 32128) over 2-4 positions went
+from ~10 ms to ~150 ms, so FREE with agreement records fell from 1.29x to 1.14x of greedy and FREE
+without records moved from 1.34x to 1.36x; on a t5-small shape FREE with records fell from 1.1x to
+0.8x. Multi-threaded Eigen and YNNPACK also win on large products (training, wide batches). So the
+flags are never set implicitly: a process that only decodes on a CPU opts in, after measuring its
+own model (`python -m free_jax.benchmarks.decode --cpu_decode_flags`).
 
 XLA reads `XLA_FLAGS` once, when its CPU backend starts, and aborts the process on a flag it does
 not know, so `apply()` must run before the first JAX computation; tests check the flags are
