@@ -52,6 +52,7 @@ from free_jax.benchmarks.decode_bounds import (
     component_times,
     layer_bound,
     pieces_bound,
+    timed_runs,
 )
 from free_jax.decoding import cpu_flags, make_decoder, pass_widths
 from free_jax.models import param_shapes, preset
@@ -101,19 +102,6 @@ def random_inputs(config, batch: int, source_len: int, seed: int = 0) -> np.ndar
 
 
 # ============================================================================== timing
-
-
-def _timed_runs(fn, repeats: int):
-    """(first call seconds, median of `repeats` later calls, last result)."""
-    t0 = time.perf_counter()
-    result = jax.block_until_ready(fn())
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        result = jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return first, statistics.median(times), result
 
 
 def calibrate(decoder, params, enc, target: float, num_layers: int, iterations: int = 6):
@@ -175,7 +163,7 @@ def hf_greedy_runner(config, params, enc: np.ndarray, max_decode_len: int):
     for threads in sorted({torch.get_num_threads(), 1}, reverse=True):
         torch.set_num_threads(threads)
         run()  # warm-up
-        timings[threads] = _timed_runs(run, 1)[1]
+        timings[threads] = timed_runs(run, 1)[1]
     threads = min(timings, key=timings.get)
     torch.set_num_threads(threads)
     run.threads = threads

@@ -21,6 +21,19 @@ from free_jax.models import T5, init_cache
 FREE_LIKE = ("free", "free_norecords", "free_lossless")
 
 
+def timed_runs(fn, repeats: int):
+    """(first call seconds, median of `repeats` later calls, last result)."""
+    t0 = time.perf_counter()
+    result = jax.block_until_ready(fn())
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        result = jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return first, statistics.median(times), result
+
+
 def layer_bound(name: str, result, config, shallow: int, exit_layer: int) -> float:
     """The decoder-compute bound of `name`'s run: decoder layers only (see the benchmark doc)."""
     num_layers = config.num_decoder_layers
@@ -97,14 +110,8 @@ def component_times(config, params, enc: np.ndarray, window: int, repeats: int =
         return conf_lib.softmax_margin(logits), cache
 
     def ms(fn, x):
-        args = (params, x, cache, cross)
-        jax.block_until_ready(fn(*args))
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times.append(time.perf_counter() - t0)
-        return 1000 * statistics.median(times) / inner
+        seconds = timed_runs(lambda: fn(params, x, cache, cross), repeats)[1]
+        return 1000 * seconds / inner
 
     cross = jax.jit(
         lambda p: model.apply(
