@@ -1,4 +1,5 @@
-"""Decoders: greedy, sampling, beam search, static exit, CALM, FREE (+ rollback, lossless).
+"""Decoders: greedy, sampling, beam search, static exit, CALM, FREE (+ rollback, lossless),
+over any model family behind `free_jax.models.protocol`; one frozen spec per method (`specs.py`).
 
 All are pure functions around a `jax.lax.while_loop` over a struct dataclass state, jitted once
 per static configuration; the exit threshold is traced. Most users want `decode` (or
@@ -26,6 +27,16 @@ from free_jax.decoding.free import (
     pass_widths,
 )
 from free_jax.decoding.greedy import greedy_decode, sample_decode
+from free_jax.decoding.specs import (
+    BeamSpec,
+    CalmSpec,
+    FreeSpec,
+    GreedySpec,
+    SampleSpec,
+    Spec,
+    StaticSpec,
+    spec_for,
+)
 from free_jax.decoding.state import AgreementRecords, BeamResult, DecodeResult
 from free_jax.decoding.static import static_decode
 
@@ -34,6 +45,14 @@ __all__ = [
     "METHODS",
     "AgreementRecords",
     "BeamResult",
+    "BeamSpec",
+    "CalmSpec",
+    "FreeSpec",
+    "GreedySpec",
+    "SampleSpec",
+    "Spec",
+    "StaticSpec",
+    "spec_for",
     "ConfidenceHead",
     "DecodeResult",
     "Decoder",

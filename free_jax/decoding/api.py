@@ -1,20 +1,26 @@
-"""`decode`: one entry point for every decoder, jitted once per static configuration.
+"""`decode`: one entry point for every decoder and model family, jitted once per static choice.
 
-    result = decode(config, params, encoder_tokens_BS, method="free", max_decode_len=64,
+    result = decode(config, params, inputs_BS, FreeSpec(window=8), max_decode_len=64,
                     threshold=0.9)
+    result = decode(config, params, inputs_BS, method="free", window=8, max_decode_len=64,
+                    threshold=0.9)                                  # the same, keyword form
     result.tokens, result.exit_layer, result.confidence   # [B, 64] each
     result.records.pairs()                                # FREE's (confidence, agree) pairs
 
-Static (a new value compiles once): the config, the method, max_decode_len, exit_layer, window,
-the confidence measure, whether FREE rolls back, top_k, beam_size, and the input shapes.
-Traced (a new value never recompiles): params, the encoder tokens, threshold, position_temp,
-rollback_threshold, per-example max lengths, temperature, length_penalty, the sampling key and the
-learned confidence head's parameters.
+`inputs_BS` are T5's encoder tokens (0 is padding) or a decoder-only model's prompts, right-padded,
+with `prompt_lengths` [B] saying where each ends (the padding values are never read): the prompt
+is prefilled into every layer's cache and `.tokens` are the tokens generated after it.
+
+Static (a new value compiles once): the config, the spec's static fields (see `specs.py`),
+max_decode_len and the input shapes. Traced (a new value never recompiles): params, the inputs,
+the threshold, the spec's value fields (position_temp, rollback, temperature, length_penalty),
+per-example max lengths and prompt lengths, the sampling key and the learned confidence head's
+parameters.
 
 For timing, `make_decoder(...)` returns the jitted `Decoder` itself:
 
-    run = make_decoder(config, method="free", max_decode_len=64, window=8)
-    run(params, encoder_tokens_BS, 0.9).tokens.block_until_ready()
+    run = make_decoder(config, FreeSpec(window=8), max_decode_len=64)
+    run(params, inputs_BS, 0.9).tokens.block_until_ready()
 """
 
 from __future__ import annotations
@@ -29,18 +35,27 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from free_jax.decoding import specs as specs_lib
 from free_jax.decoding.beam import beam_search
 from free_jax.decoding.calm import calm_decode
-from free_jax.decoding.confidence import check_measure
 from free_jax.decoding.free import free_decode
 from free_jax.decoding.greedy import greedy_decode, sample_decode
+from free_jax.decoding.specs import (
+    METHODS,
+    BeamSpec,
+    CalmSpec,
+    FreeSpec,
+    GreedySpec,
+    SampleSpec,
+    Spec,
+    StaticSpec,
+    spec_for,
+)
 from free_jax.decoding.state import BeamResult, DecodeResult
 from free_jax.decoding.static import static_decode
-from free_jax.models import T5Config
 from free_jax.models.t5 import check_tokens
 
-METHODS = ("greedy", "sample", "beam", "static", "calm", "free", "free_lossless")
-_NEEDS_THRESHOLD = ("calm", "free", "free_lossless")
+__all__ = ["METHODS", "Decoder", "DecoderSpec", "decode", "make_decoder"]
 
 # How many times each static configuration was traced (a retrace means a recompile).
 TRACE_COUNTS: collections.Counter = collections.Counter()
@@ -48,51 +63,26 @@ TRACE_COUNTS: collections.Counter = collections.Counter()
 
 @dataclasses.dataclass(frozen=True)
 class DecoderSpec:
-    """Everything static about a decoder (hashable, holds no arrays).
+    """Everything static about a compiled decoder (hashable, holds no arrays).
 
     Attributes:
-      config: the model config.
-      method: one of `METHODS`.
+      config: the model config (any registered family).
+      spec: the method's spec with its traced values blanked (`specs.compile_key`).
       max_decode_len: N.
-      exit_layer: static exit k; CALM's minimum exit layer; FREE's S (None: config.shallow_layer).
-      window: FREE's W.
-      measure: confidence measure (`confidence.MEASURES`).
-      rollback: FREE rolls back (the threshold is given per call as `rollback_threshold`).
-      records: FREE keeps its agreement records (False: a cheaper deep exit, plain FREE only).
-      top_k: sampling's top-k (0: the whole vocabulary).
-      beam_size: beam search's K.
     """
 
-    config: T5Config
-    method: str
+    config: Any
+    spec: Spec
     max_decode_len: int
-    exit_layer: int | None = None
-    window: int = 8
-    measure: str = "softmax_margin"
-    rollback: bool = False
-    records: bool = True
-    top_k: int = 0
-    beam_size: int = 4
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"unknown decoding method {self.method!r}; expected one of {METHODS}")
         if self.max_decode_len < 1:
             raise ValueError(f"max_decode_len must be >= 1, got {self.max_decode_len}")
-        check_measure(self.measure)
-        if self.method == "static" and self.exit_layer is None:
-            raise ValueError("method 'static' needs exit_layer=k")
-        if self.exit_layer is not None and self.method in (
-            "static",
-            "calm",
-            "free",
-            "free_lossless",
-        ):
-            self.config.check_exit_layer(self.exit_layer, what=f"{self.method} exit_layer")
-        if self.method in ("free", "free_lossless") and self.window < 1:
-            raise ValueError(f"window must be >= 1, got {self.window}")
-        if self.rollback and self.method != "free":
-            raise ValueError("rollback applies to method 'free' only")
+        specs_lib.check_spec(self.spec, self.config)
+
+    @property
+    def method(self) -> str:
+        return specs_lib.method_name(self.spec)
 
 
 @struct.dataclass
@@ -102,6 +92,7 @@ class TracedOptions:
     Attributes:
       threshold, position_temp, rollback_threshold, temperature, length_penalty: [] float32.
       max_lengths_B: [B] int32.
+      input_lengths_B: [B] int32 prompt lengths (decoder-only models), or None.
       rng: a PRNG key (sampling).
       confidence_params: `ConfidenceHead` parameters, or None.
     """
@@ -112,96 +103,144 @@ class TracedOptions:
     temperature: jax.Array
     length_penalty: jax.Array
     max_lengths_B: jax.Array
+    input_lengths_B: Any
     rng: jax.Array
     confidence_params: Any = None
 
 
-def _run(spec: DecoderSpec, params, encoder_tokens_BS, options: TracedOptions):
-    TRACE_COUNTS[spec] += 1  # runs at trace time only
-    c, n = spec.config, spec.max_decode_len
+def _run(key: DecoderSpec, params, inputs_BS, options: TracedOptions):
+    TRACE_COUNTS[key] += 1  # runs at trace time only
+    c, n, spec = key.config, key.max_decode_len, key.spec
     common = dict(
-        max_decode_len=n,
-        max_lengths_B=options.max_lengths_B,
-    )
-    scored = dict(common, measure=spec.measure, confidence_params=options.confidence_params)
-    if spec.method == "greedy":
-        return greedy_decode(c, params, encoder_tokens_BS, **scored)
-    if spec.method == "sample":
-        return sample_decode(
-            c, params, encoder_tokens_BS, rng=options.rng, temperature=options.temperature,
-            top_k=spec.top_k, **scored,
-        )  # fmt: skip
-    if spec.method == "beam":
+        max_decode_len=n, max_lengths_B=options.max_lengths_B,
+        input_lengths_B=options.input_lengths_B,
+    )  # fmt: skip
+    if isinstance(spec, BeamSpec):
         return beam_search(
-            c, params, encoder_tokens_BS, beam_size=spec.beam_size,
+            c, params, inputs_BS, beam_size=spec.beam_size,
             length_penalty=options.length_penalty, **common,
         )  # fmt: skip
-    if spec.method == "static":
-        return static_decode(c, params, encoder_tokens_BS, exit_layer=spec.exit_layer, **scored)
-    if spec.method == "calm":
+    scored = dict(
+        common, measure=getattr(spec, "measure", specs_lib.DEFAULT_MEASURE),
+        confidence_params=options.confidence_params,
+    )  # fmt: skip
+    if isinstance(spec, GreedySpec):
+        return greedy_decode(c, params, inputs_BS, **scored)
+    if isinstance(spec, SampleSpec):
+        return sample_decode(
+            c, params, inputs_BS, rng=options.rng, temperature=options.temperature,
+            top_k=spec.top_k, **scored,
+        )  # fmt: skip
+    if isinstance(spec, StaticSpec):
+        return static_decode(c, params, inputs_BS, exit_layer=spec.exit_layer, **scored)
+    if isinstance(spec, CalmSpec):
         return calm_decode(
-            c, params, encoder_tokens_BS, options.threshold, min_exit_layer=spec.exit_layer or 1,
+            c, params, inputs_BS, options.threshold, min_exit_layer=spec.min_exit,
             position_temp=options.position_temp, **scored,
         )  # fmt: skip
-    if spec.exit_layer is not None:
-        c = c.replace(shallow_exit_layer=spec.exit_layer)
-    if spec.method == "free_lossless":
-        mode = "lossless"
-    else:
-        mode = "rollback" if spec.rollback else "plain"
+    if spec.shallow is not None:
+        c = c.replace(shallow_exit_layer=spec.shallow)
     return free_decode(
-        c, params, encoder_tokens_BS, options.threshold, window=spec.window, mode=mode,
+        c, params, inputs_BS, options.threshold, window=spec.window, mode=spec.mode,
         rollback_threshold=options.rollback_threshold, position_temp=options.position_temp,
         records=spec.records, **scored,
     )  # fmt: skip
 
 
-class Decoder:
-    """A decoder jitted for one `DecoderSpec`: `decoder(params, encoder_tokens_BS, threshold)`."""
+@functools.lru_cache(maxsize=256)
+def _jitted(key: DecoderSpec):
+    return jax.jit(functools.partial(_run, key))
 
-    def __init__(self, spec: DecoderSpec):
-        self.spec = spec
-        self.jitted = jax.jit(functools.partial(_run, spec))
+
+def _check_prompt_lengths(lengths, inputs_BS, config, max_decode_len: int):
+    """Concrete prompt lengths within [1, S]; learned positions must cover prompt + output."""
+    if lengths is None or isinstance(lengths, jax.core.Tracer):
+        return
+    arr = np.asarray(lengths)
+    b, s = inputs_BS.shape
+    if arr.shape != (b,):
+        raise ValueError(f"prompt_lengths has shape {arr.shape}; expected ({b},), one per prompt")
+    if arr.size and (arr.min() < 1 or arr.max() > s):
+        raise ValueError(
+            f"prompt_lengths must lie in [1, {s}] (the prompt width), got min {int(arr.min())}, "
+            f"max {int(arr.max())}"
+        )
+    table = getattr(config, "max_position_embeddings", None)
+    if getattr(config, "positions", None) == "learned" and table is not None:
+        if int(arr.max()) + max_decode_len > table:
+            raise ValueError(
+                f"prompt ({int(arr.max())} tokens) + max_decode_len ({max_decode_len}) exceeds "
+                f"the model's {table} learned positions (max_position_embeddings)"
+            )
+
+
+class Decoder:
+    """A decoder jitted for one static choice: `decoder(params, inputs_BS, threshold)`.
+
+    Attributes:
+      spec: the `DecoderSpec` (compile key); `method_spec` the full method spec whose traced
+        values are the defaults of each call.
+    """
+
+    def __init__(self, config, method_spec: Spec, max_decode_len: int):
+        self.method_spec = method_spec
+        self.spec = DecoderSpec(config, specs_lib.compile_key(method_spec), max_decode_len)
+        self.jitted = _jitted(self.spec)
 
     def options(
         self,
         batch: int,
         threshold=None,
         *,
-        position_temp=0.0,
+        position_temp=None,
         rollback_threshold=None,
         max_lengths=None,
+        prompt_lengths=None,
         confidence_params=None,
         rng=None,
-        temperature=1.0,
-        length_penalty=0.0,
+        temperature=None,
+        length_penalty=None,
     ) -> TracedOptions:
-        spec = self.spec
-        if spec.method in _NEEDS_THRESHOLD and threshold is None:
-            raise ValueError(f"method {spec.method!r} needs a threshold")
-        if spec.rollback and rollback_threshold is None:
-            raise ValueError("a rolling-back FREE decoder needs rollback_threshold")
-        if spec.measure == "learned" and confidence_params is None:
+        spec, n = self.method_spec, self.spec.max_decode_len
+        if isinstance(spec, specs_lib.NEEDS_THRESHOLD) and threshold is None:
+            raise ValueError(f"{type(spec).__name__} needs a threshold")
+        if threshold is not None and not isinstance(threshold, jax.core.Tracer):
+            if np.isnan(np.asarray(threshold, np.float32)).any():
+                raise ValueError("threshold is NaN; give a number (a confidence in [0, 1])")
+        if getattr(spec, "measure", None) == "learned" and confidence_params is None:
             raise ValueError("measure 'learned' needs confidence_params (a ConfidenceHead's)")
+        default = lambda given, field, fallback: (
+            given if given is not None else getattr(spec, field, fallback)
+        )
+        rollback = default(rollback_threshold, "rollback", None)
+        if isinstance(spec, FreeSpec) and spec.rollback is not None and rollback is None:
+            raise ValueError("a rolling-back FREE decoder needs rollback_threshold")
         if max_lengths is None:
-            max_lengths = np.full((batch,), spec.max_decode_len, np.int32)
+            max_lengths = np.full((batch,), n, np.int32)
         f32 = lambda x: jnp.asarray(x, jnp.float32)
         return TracedOptions(
             threshold=f32(0.0 if threshold is None else threshold),
-            position_temp=f32(position_temp),
-            rollback_threshold=f32(np.inf if rollback_threshold is None else rollback_threshold),
-            temperature=f32(temperature),
-            length_penalty=f32(length_penalty),
-            max_lengths_B=jnp.clip(jnp.asarray(max_lengths, jnp.int32), 0, spec.max_decode_len),
+            position_temp=f32(default(position_temp, "position_temp", 0.0)),
+            rollback_threshold=f32(np.inf if rollback is None else rollback),
+            temperature=f32(default(temperature, "temperature", 1.0)),
+            length_penalty=f32(default(length_penalty, "length_penalty", 0.0)),
+            max_lengths_B=jnp.clip(jnp.asarray(max_lengths, jnp.int32), 0, n),
+            input_lengths_B=None
+            if prompt_lengths is None
+            else jnp.asarray(prompt_lengths, jnp.int32),
             rng=jax.random.key(0) if rng is None else rng,
             confidence_params=confidence_params,
         )
 
-    def __call__(self, params, encoder_tokens_BS, threshold=None, **options):
-        check_tokens(encoder_tokens_BS, self.spec.config.vocab_size, "encoder_tokens")
-        encoder_tokens_BS = jnp.asarray(encoder_tokens_BS, jnp.int32)
-        opts = self.options(encoder_tokens_BS.shape[0], threshold, **options)
-        return self.jitted(params, encoder_tokens_BS, opts)
+    def __call__(self, params, inputs_BS, threshold=None, **options):
+        config = self.spec.config
+        check_tokens(inputs_BS, config.vocab_size, "inputs")
+        inputs_BS = jnp.asarray(inputs_BS, jnp.int32)
+        _check_prompt_lengths(
+            options.get("prompt_lengths"), inputs_BS, config, self.spec.max_decode_len
+        )
+        opts = self.options(inputs_BS.shape[0], threshold, **options)
+        return self.jitted(params, inputs_BS, opts)
 
     @property
     def trace_count(self) -> int:
@@ -209,88 +248,77 @@ class Decoder:
 
 
 @functools.lru_cache(maxsize=256)
-def _decoder(spec: DecoderSpec) -> Decoder:
-    return Decoder(spec)
+def _decoder(config, method_spec: Spec, max_decode_len: int) -> Decoder:
+    return Decoder(config, method_spec, max_decode_len)
+
+
+def _resolve_spec(spec: Spec | None, method: str | None, method_options: dict) -> Spec:
+    if spec is not None:
+        if method is not None or method_options:
+            raise TypeError(
+                "give either a spec or method=... with keyword options, not both "
+                f"(got spec={spec!r}, method={method!r}, options {sorted(method_options)})"
+            )
+        return spec
+    if method is None:
+        raise TypeError("decode/make_decoder need a spec (e.g. FreeSpec()) or method=...")
+    if "rollback_threshold" in method_options:  # decode's keyword for FreeSpec.rollback
+        method_options["rollback"] = method_options.pop("rollback_threshold")
+    return spec_for(method, **method_options)
 
 
 def make_decoder(
-    config: T5Config,
-    *,
-    method: str,
-    max_decode_len: int,
-    exit_layer: int | None = None,
-    window: int = 8,
-    measure: str = "softmax_margin",
-    rollback: bool = False,
-    records: bool = True,
-    top_k: int = 0,
-    beam_size: int = 4,
-) -> Decoder:
-    """The jitted decoder for a static configuration (cached: equal arguments, same object)."""
-    return _decoder(
-        DecoderSpec(
-            config=config, method=method, max_decode_len=max_decode_len, exit_layer=exit_layer,
-            window=window, measure=measure, rollback=rollback, records=records, top_k=top_k,
-            beam_size=beam_size,
-        )
-    )  # fmt: skip
+    config, spec: Spec | None = None, *, max_decode_len: int, method: str | None = None,
+    **method_options,
+) -> Decoder:  # fmt: skip
+    """The jitted decoder for `spec` (or `method=` plus `specs.spec_for` keywords); cached: equal
+    arguments give the same object, and specs that differ only in traced values share one
+    compiled function."""
+    rollback = method_options.get("rollback")
+    if isinstance(rollback, bool):  # make_decoder(method="free", rollback=True): value per call
+        method_options["rollback"] = 0.0 if rollback else None
+    return _decoder(config, _resolve_spec(spec, method, method_options), max_decode_len)
 
 
 def decode(
-    config: T5Config,
+    config,
     params,
-    encoder_tokens_BS,
+    inputs_BS,
+    spec: Spec | None = None,
     *,
-    method: str,
     max_decode_len: int,
+    method: str | None = None,
     threshold=None,
-    exit_layer: int | None = None,
-    window: int = 8,
-    measure: str = "softmax_margin",
-    rollback_threshold=None,
-    position_temp=0.0,
-    records: bool = True,
+    prompt_lengths=None,
     max_lengths=None,
     confidence_params=None,
     rng=None,
-    temperature=1.0,
-    top_k: int = 0,
-    beam_size: int = 4,
-    length_penalty=0.0,
+    **method_options,
 ) -> DecodeResult | BeamResult:
-    """Decodes a batch with any method; see the module docstring.
+    """Decodes a batch with any method and model family; see the module docstring.
 
     Args:
-      config, params: the model.
-      encoder_tokens_BS: [B, S] int token ids, 0 is padding.
-      method: "greedy", "sample", "beam", "static", "calm", "free" or "free_lossless".
+      config, params: the model (T5 or a decoder-only family).
+      inputs_BS: [B, S] int token ids: T5 encoder tokens (0 is padding) or right-padded prompts.
+      spec: a `specs` spec (`GreedySpec()`, `StaticSpec(k)`, `CalmSpec(...)`, `FreeSpec(...)`,
+        `SampleSpec(...)`, `BeamSpec(...)`); or give `method=` and the spec's options as keywords
+        (`specs.spec_for`: exit_layer, window, measure, rollback_threshold, records,
+        position_temp, top_k, temperature, beam_size, length_penalty).
       max_decode_len: N, the output length.
-      threshold: exit when confidence > threshold (calm, free, free_lossless).
-      exit_layer: k for static; the minimum exit layer for calm (default 1); S for free
-        (default config.shallow_layer).
-      window: FREE's W, the most positions in one deep pass.
-      measure: "softmax_margin" (default), "softmax_max", "hidden_cosine" or "learned".
-      rollback_threshold: FREE's rollback policy (method "free"): reject a shallow token whose
-        deep cross-entropy exceeds it. None: no rollback.
-      position_temp: CALM's threshold decay over positions (0: none).
-      records: FREE keeps its agreement records (default); False makes plain FREE's deep exit
-        read only the current position.
+      threshold: exit when confidence > threshold (CALM and FREE).
+      prompt_lengths: [B] prompt lengths (decoder-only; None: every row is a whole prompt).
       max_lengths: optional [B] per-example maximum lengths (<= N).
       confidence_params: a `ConfidenceHead`'s parameters for measure "learned".
-      rng, temperature, top_k: sampling.
-      beam_size, length_penalty: beam search.
+      rng: the sampling key.
     Returns:
       `DecodeResult` (`BeamResult` for beam search) with tokens [B, N] (0 after EOS), exit_layer
       and confidence [B, N], counters, and FREE's agreement records.
     """
-    decoder = make_decoder(
-        config, method=method, max_decode_len=max_decode_len, exit_layer=exit_layer,
-        window=window, measure=measure, rollback=rollback_threshold is not None,
-        records=records, top_k=top_k, beam_size=beam_size,
-    )  # fmt: skip
+    rollback_threshold = method_options.get("rollback_threshold")
+    method_spec = _resolve_spec(spec, method, dict(method_options))
+    decoder = _decoder(config, method_spec, max_decode_len)
     return decoder(
-        params, encoder_tokens_BS, threshold, position_temp=position_temp,
-        rollback_threshold=rollback_threshold, max_lengths=max_lengths,
-        confidence_params=confidence_params, rng=rng, temperature=temperature,
-        length_penalty=length_penalty,
+        params, inputs_BS, threshold, prompt_lengths=prompt_lengths, max_lengths=max_lengths,
+        confidence_params=confidence_params, rng=rng,
+        rollback_threshold=rollback_threshold,
     )  # fmt: skip

@@ -12,14 +12,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from free_jax.decoding.state import (
-    BeamResult,
-    BeamState,
-    EncoderContext,
-    encode,
-    resolve_max_lengths,
-)
-from free_jax.models import T5, DecoderCache, LayerCache, T5Config, init_cache
+from free_jax.decoding.state import BeamResult, BeamState, decode_setup
+from free_jax.models import DecoderCache, LayerCache
 
 
 def _gather_beams(x_BK, beam_BK):
@@ -43,20 +37,23 @@ def length_penalty_factor(length, alpha):
 
 
 def beam_search(
-    config: T5Config,
+    config,
     params,
-    encoder_tokens_BS: jax.Array,
+    inputs_BS: jax.Array,
     *,
     beam_size: int,
     max_decode_len: int,
+    input_lengths_B=None,
     length_penalty=0.0,
     max_lengths_B=None,
 ) -> BeamResult:
     """Beam search with `beam_size` (static) beams.
 
     Args:
-      encoder_tokens_BS: [B, S] int32, 0 is padding.
+      inputs_BS: [B, S] int32 encoder tokens, 0 is padding (T5), or right-padded prompts
+        (decoder-only; prefilled once per example, then copied to every beam).
       max_decode_len: N, static.
+      input_lengths_B: [B] prompt lengths (decoder-only).
       length_penalty: alpha, traced.
       max_lengths_B: optional [B] per-example maximum lengths.
     Returns:
@@ -64,21 +61,21 @@ def beam_search(
     """
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
-    model = T5(config).bind({"params": params})
-    b, n, k, v = encoder_tokens_BS.shape[0], max_decode_len, beam_size, config.vocab_size
-    num_layers = config.num_decoder_layers
-    ctx = encode(model, encoder_tokens_BS)
-    expand = lambda x: jnp.repeat(x, k, axis=0)
-    ctx = EncoderContext(
-        cross=jax.tree_util.tree_map(expand, ctx.cross), encoder_mask_BS=expand(ctx.encoder_mask_BS)
+    setup = decode_setup(
+        config, params, inputs_BS, max_decode_len, max_lengths_B, input_lengths_B=input_lengths_B
     )
-    max_len_BK = jnp.repeat(resolve_max_lengths(max_lengths_B, b, n)[:, None], k, axis=1)
+    model, b, n, k, v = setup.model, setup.batch, max_decode_len, beam_size, config.vocab_size
+    num_layers = config.num_decoder_layers
+    # every leaf of the context and the (prefilled) caches leads with B: rows b*K .. b*K+K-1
+    expand = lambda tree: jax.tree_util.tree_map(lambda x: jnp.repeat(x, k, axis=0), tree)
+    ctx, cache = expand(setup.ctx), expand(setup.cache)
+    max_len_BK = jnp.repeat(setup.max_len_B[:, None], k, axis=1)
     # only beam 0 is alive at first, so the first expansion does not pick K copies of one token
     first_score_K = jnp.where(jnp.arange(k) == 0, 0.0, -jnp.inf)
     state = BeamState(
         step=jnp.zeros((), jnp.int32),
-        last_token_BK=jnp.full((b, k), config.decoder_start_token_id, jnp.int32),
-        cache=init_cache(config, b * k, n),
+        last_token_BK=ctx.first_token_B.reshape(b, k),
+        cache=cache,
         tokens_BKN=jnp.zeros((b, k, n), jnp.int32),
         logprob_BKN=jnp.zeros((b, k, n), jnp.float32),
         score_BK=jnp.broadcast_to(first_score_K, (b, k)).astype(jnp.float32),
@@ -88,11 +85,11 @@ def beam_search(
     pad_only_V = jnp.where(jnp.arange(v) == config.pad_token_id, 0.0, -jnp.inf)
 
     def body(s: BeamState) -> BeamState:
-        h_R1D = model.embed_decoder(s.last_token_BK.reshape(b * k, 1))
-        h_R1D, cache = model.decode_layers(
-            h_R1D, start=0, end=num_layers, cache=s.cache, cross=ctx.cross,
-            encoder_mask_BS=ctx.encoder_mask_BS, offset_B=jnp.full((b * k,), s.step, jnp.int32),
-        )  # fmt: skip
+        offset_R = ctx.base_B + s.step
+        h_R1D = model.embed(s.last_token_BK.reshape(b * k, 1), offset_R)
+        h_R1D, cache = model.layers(
+            h_R1D, start=0, end=num_layers, cache=s.cache, context=ctx, offset_B=offset_R
+        )
         logp_BKV = jax.nn.log_softmax(model.exit_logits(h_R1D[:, 0]), axis=-1).reshape(b, k, v)
         logp_BKV = jnp.where(s.finished_BK[..., None], pad_only_V, logp_BKV)
         candidates_BX = (s.score_BK[..., None] + logp_BKV).reshape(b, k * v)

@@ -4,7 +4,7 @@ Per token, layers run one at a time; after layer l (l >= min_exit_layer, l < L) 
 confidence is above the (optionally position-decayed) threshold leaves with that layer's token.
 The layers it skipped still need key/values at this position for later tokens: CALM copies the
 exited hidden state upwards ("state copying"), so skipped layer j caches the keys/values that
-`layer_self_kv(h_exit, j)` gives.
+`layer_kv(h_exit, j, position)` gives.
 
 In a batch every example exits on its own. Layer l runs (a `lax.cond`) while any example still
 needs it; an example that already left keeps its exited hidden state as the input of every higher
@@ -31,17 +31,17 @@ from free_jax.decoding.state import (
     result_from_log,
     start_fields,
 )
-from free_jax.models import T5Config, init_cache
 from free_jax.models.cache import write_layer
 
 
 def calm_decode(
-    config: T5Config,
+    config,
     params,
-    encoder_tokens_BS: jax.Array,
+    inputs_BS: jax.Array,
     threshold,
     *,
     max_decode_len: int,
+    input_lengths_B=None,
     min_exit_layer: int = 1,
     measure: str = "softmax_margin",
     position_temp=0.0,
@@ -52,9 +52,10 @@ def calm_decode(
 
     Args:
       config, params: the model.
-      encoder_tokens_BS: [B, S] int32, 0 is padding.
+      inputs_BS: [B, S] int32 encoder tokens (T5) or right-padded prompts (decoder-only).
       threshold: traced scalar; exit when confidence > threshold.
       max_decode_len: N, static.
+      input_lengths_B: [B] prompt lengths (decoder-only).
       min_exit_layer: static; the first layer whose exit is tested (1 <= m < L).
       measure: confidence measure (see `confidence.py`).
       position_temp: traced; CALM's threshold decay over positions (0: none).
@@ -65,19 +66,19 @@ def calm_decode(
     """
     conf_lib.check_measure(measure)
     config.check_exit_layer(min_exit_layer, what="CALM min_exit_layer")
-    model, ctx, b, n, max_len_B = decode_setup(
-        config, params, encoder_tokens_BS, max_decode_len, max_lengths_B
+    setup = decode_setup(
+        config, params, inputs_BS, max_decode_len, max_lengths_B, input_lengths_B=input_lengths_B
     )
+    model, ctx, b, n, max_len_B = setup.model, setup.ctx, setup.batch, setup.length, setup.max_len_B
     num_layers = config.num_decoder_layers
     state = CalmState(
-        **start_fields(config, b, n, max_len_B),
+        **start_fields(setup),
         step=jnp.zeros((), jnp.int32),
-        cache=init_cache(config, b, n),
+        cache=setup.cache,
         deep_B=jnp.zeros((b,), jnp.int32),
         layers_B=jnp.zeros((b,), jnp.int32),
         batch_layers=jnp.zeros((), jnp.int32),
     )
-    kw = dict(cross=ctx.cross, encoder_mask_BS=ctx.encoder_mask_BS)
 
     def exit_head(hidden_B1D, prev_B1D):
         logits_BV, conf_B = conf_lib.exit_confidence(
@@ -89,9 +90,10 @@ def calm_decode(
         return jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.float32)
 
     def body(s: CalmState) -> CalmState:
-        offset_B = jnp.full((b,), s.step, jnp.int32)
-        threshold_B = conf_lib.decayed_threshold(threshold, offset_B + 1, n, position_temp)
-        hidden_B1D = model.embed_decoder(s.last_token_B[:, None])
+        step_B = jnp.full((b,), s.step, jnp.int32)
+        offset_B = ctx.base_B + s.step
+        threshold_B = conf_lib.decayed_threshold(threshold, step_B + 1, n, position_temp)
+        hidden_B1D = model.embed(s.last_token_B[:, None], offset_B)
         running_B = ~s.done_B
         token_B = jnp.zeros((b,), jnp.int32)
         conf_B = jnp.zeros((b,), jnp.float32)
@@ -102,13 +104,14 @@ def calm_decode(
             any_running = jnp.any(running_B)
 
             def compute(hidden_B1D, cache, layer=layer):
-                return model.decode_layers(
-                    hidden_B1D, start=layer, end=layer + 1, cache=cache, offset_B=offset_B, **kw
-                )
+                return model.layers(
+                    hidden_B1D, start=layer, end=layer + 1, cache=cache, context=ctx,
+                    offset_B=offset_B,
+                )  # fmt: skip
 
             def copy_only(hidden_B1D, cache, layer=layer):
                 # Nobody needs this layer: only the copied key/values for later positions.
-                key, value = model.layer_self_kv(hidden_B1D, layer)
+                key, value = model.layer_kv(hidden_B1D, layer, offset_B)
                 new = write_layer(cache.layers[layer], key, value, offset_B)
                 return hidden_B1D, cache.replace_layers(layer, (new,))
 
@@ -131,7 +134,7 @@ def calm_decode(
 
         active_B = ~s.done_B
         active_i = active_B.astype(jnp.int32)
-        log = s.log.write(offset_B, active_B, token_B, exit_layer_B, conf_B)
+        log = s.log.write(step_B, active_B, token_B, exit_layer_B, conf_B)
         done_B = s.done_B | (token_B == config.eos_token_id) | (s.step + 1 >= max_len_B)
         return CalmState(
             step=s.step + 1,

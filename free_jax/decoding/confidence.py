@@ -98,7 +98,7 @@ def exit_confidence(model, measure: str, hidden_BD, prev_hidden_BD=None, head_pa
     """Logits [B, V] (float32) of an exit and its confidence [B] under `measure`.
 
     Args:
-      model: a bound `T5`.
+      model: a bound model (`free_jax.models.protocol.DecodingModel`).
       hidden_BD: hidden state after the exit's last layer (before the final norm).
       prev_hidden_BD: hidden state one layer earlier (only "hidden_cosine" reads it).
       head_params: `ConfidenceHead` parameters (only "learned" reads them).
@@ -115,7 +115,7 @@ def exit_confidence(model, measure: str, hidden_BD, prev_hidden_BD=None, head_pa
     elif measure == "learned":
         if head_params is None:
             raise ValueError("the 'learned' measure needs confidence_params (ConfidenceHead)")
-        conf_B = learned_confidence(head_params, model.decoder.final(hidden_BD))
+        conf_B = learned_confidence(head_params, model.final_norm(hidden_BD))
     else:
         check_measure(measure)
     return logits_BV, conf_B

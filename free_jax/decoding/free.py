@@ -61,7 +61,6 @@ from free_jax.decoding.state import (
     run_layers,
     start_fields,
 )
-from free_jax.models import T5Config, init_cache
 
 MODES = ("plain", "rollback", "lossless")
 
@@ -97,12 +96,13 @@ def _take_rows(a_BN: jax.Array, idx_BM: jax.Array) -> jax.Array:
 
 
 def free_loop(
-    config: T5Config,
+    config,
     params,
-    encoder_tokens_BS: jax.Array,
+    inputs_BS: jax.Array,
     threshold,
     *,
     max_decode_len: int,
+    input_lengths_B=None,
     window: int = 8,
     measure: str = "softmax_margin",
     mode: str = "plain",
@@ -116,9 +116,11 @@ def free_loop(
 
     Args:
       config, params: the model; S = config.shallow_layer.
-      encoder_tokens_BS: [B, S] int32, 0 is padding.
+      inputs_BS: [B, S] int32 encoder tokens, 0 is padding (T5), or right-padded prompts
+        (decoder-only: prefilled through every layer, so the first pass is exact too).
       threshold: traced scalar; a token exits when its shallow confidence > threshold.
       max_decode_len: N, static.
+      input_lengths_B: [B] prompt lengths (decoder-only; None: full rows).
       window: W, static: most positions in one deep pass.
       measure: shallow confidence measure (see `confidence.py`).
       mode: "plain", "rollback" or "lossless" (static).
@@ -135,9 +137,12 @@ def free_loop(
     if mode not in MODES:
         raise ValueError(f"unknown FREE mode {mode!r}; expected one of {MODES}")
     verify = mode != "plain"
-    model, ctx, b, n, max_len_B = decode_setup(
-        config, params, encoder_tokens_BS, max_decode_len, max_lengths_B
-    )
+    # slack: a pass near the end writes up to W rows
+    setup = decode_setup(
+        config, params, inputs_BS, max_decode_len, max_lengths_B,
+        input_lengths_B=input_lengths_B, slack=window,
+    )  # fmt: skip
+    model, ctx, b, n, max_len_B = setup.model, setup.ctx, setup.batch, setup.length, setup.max_len_B
     w, num_layers, shallow = window, config.num_decoder_layers, config.shallow_layer
     widths = pass_widths(w)
     rows_W = jnp.arange(w, dtype=jnp.int32)
@@ -146,9 +151,9 @@ def free_loop(
 
     def deep_pass(width: int):
         def run(chunk_BWD, proposed_BW, start_B, cache, stack_len_B):
-            hidden_BCD, cache = model.decode_layers(
-                chunk_BWD[:, :width], start=shallow, end=num_layers, cache=cache,
-                cross=ctx.cross, encoder_mask_BS=ctx.encoder_mask_BS, offset_B=start_B,
+            hidden_BCD, cache = model.layers(
+                chunk_BWD[:, :width], start=shallow, end=num_layers, cache=cache, context=ctx,
+                offset_B=ctx.base_B + start_B,
             )  # fmt: skip
             if current_only:  # one row per example: the current position's deep token
                 row_B11 = jnp.minimum(stack_len_B, width - 1)[:, None, None]
@@ -183,9 +188,10 @@ def free_loop(
         """One position through [0, S): advances when no example needs the deep layers, else
         leaves the step pending (its shallow outputs kept) for `sync_step`."""
         active_B = ~s.done_B
-        h0_B1D = model.embed_decoder(s.last_token_B[:, None])
+        offset_B = ctx.base_B + s.pos_B
+        h0_B1D = model.embed(s.last_token_B[:, None], offset_B)
         hidden_B1D, prev_B1D, cache = run_layers(
-            model, h0_B1D, 0, shallow, cache=s.cache, ctx=ctx, offset_B=s.pos_B,
+            model, h0_B1D, 0, shallow, cache=s.cache, ctx=ctx, offset_B=offset_B,
             need_prev=measure == "hidden_cosine",
         )  # fmt: skip
         logits_BV, conf_B = conf_lib.exit_confidence(
@@ -325,9 +331,9 @@ def free_loop(
         return sync_step(s)
 
     state = FreeState(
-        **start_fields(config, b, n, max_len_B),
+        **start_fields(setup),
         pos_B=jnp.zeros((b,), jnp.int32),
-        cache=init_cache(config, b, n + w),  # slack: a pass near the end writes up to W rows
+        cache=setup.cache,
         stack_BWD=jnp.zeros((b, w, config.d_model), config.compute_dtype),
         stack_len_B=jnp.zeros((b,), jnp.int32),
         records=AgreementRecords.empty(b, n),
@@ -345,9 +351,9 @@ def free_loop(
     return jax.lax.while_loop(running, body, state)
 
 
-def free_decode(config: T5Config, params, encoder_tokens_BS, threshold, **kw) -> DecodeResult:
+def free_decode(config, params, inputs_BS, threshold, **kw) -> DecodeResult:
     """FREE decoding; options as in `free_loop`. Returns a `DecodeResult` with records."""
-    final = free_loop(config, params, encoder_tokens_BS, threshold, **kw)
+    final = free_loop(config, params, inputs_BS, threshold, **kw)
     return result_from_log(
         final.log,
         num_deep_passes=final.deep_B,
@@ -360,6 +366,6 @@ def free_decode(config: T5Config, params, encoder_tokens_BS, threshold, **kw) ->
     )
 
 
-def free_lossless_decode(config: T5Config, params, encoder_tokens_BS, threshold, **kw):
+def free_lossless_decode(config, params, inputs_BS, threshold, **kw):
     """FREE in lossless mode: equals full-model greedy at any threshold."""
-    return free_decode(config, params, encoder_tokens_BS, threshold, mode="lossless", **kw)
+    return free_decode(config, params, inputs_BS, threshold, mode="lossless", **kw)

@@ -3,7 +3,7 @@
 Also the shared single-exit loop that static exit (`static.py`) reuses with fewer layers.
 
 Example:
-    result = greedy_decode(config, params, encoder_tokens_BS, max_decode_len=32)
+    result = greedy_decode(config, params, inputs_BS, max_decode_len=32)
     result.tokens      # [B, 32], 0 after EOS
 """
 
@@ -23,7 +23,6 @@ from free_jax.decoding.state import (
     run_layers,
     start_fields,
 )
-from free_jax.models import DecoderCache, T5Config, init_cache
 
 # picks the next token [B] from the exit's logits [B, V] at a (traced) step
 Picker = Callable[[jax.Array, jax.Array], jax.Array]
@@ -49,11 +48,12 @@ def sampling_picker(rng: jax.Array, temperature, top_k: int) -> Picker:
 
 
 def single_exit_decode(
-    config: T5Config,
+    config,
     params,
-    encoder_tokens_BS: jax.Array,
+    inputs_BS: jax.Array,
     *,
     max_decode_len: int,
+    input_lengths_B=None,
     num_layers: int | None = None,
     picker: Picker = argmax_picker,
     measure: str = "softmax_margin",
@@ -63,9 +63,11 @@ def single_exit_decode(
     """Every token leaves after the first `num_layers` decoder layers (default: all of them).
 
     Args:
-      config, params: the model.
-      encoder_tokens_BS: [B, S] int32, 0 is padding.
+      config, params: the model (any registered family).
+      inputs_BS: [B, S] int32 encoder tokens, 0 is padding (T5), or right-padded prompts
+        (decoder-only).
       max_decode_len: N, static.
+      input_lengths_B: [B] prompt lengths (decoder-only; None: full rows).
       num_layers: static exit layer k in [1, L]; the cache holds only these k layers.
       picker: argmax (greedy) or a sampler.
       measure: confidence reported per token (see `confidence.py`).
@@ -78,14 +80,15 @@ def single_exit_decode(
     num_layers = config.num_decoder_layers if num_layers is None else num_layers
     if not 1 <= num_layers <= config.num_decoder_layers:
         raise ValueError(f"exit layer {num_layers} outside [1, {config.num_decoder_layers}]")
-    model, ctx, b, n, max_len_B = decode_setup(
-        config, params, encoder_tokens_BS, max_decode_len, max_lengths_B
-    )
-    full = init_cache(config, b, n)
+    setup = decode_setup(
+        config, params, inputs_BS, max_decode_len, max_lengths_B,
+        input_lengths_B=input_lengths_B, num_layers=num_layers,
+    )  # fmt: skip
+    model, ctx, b, n, max_len_B = setup.model, setup.ctx, setup.batch, setup.length, setup.max_len_B
     state = SingleExitState(
-        **start_fields(config, b, n, max_len_B),
+        **start_fields(setup),
         step=jnp.zeros((), jnp.int32),
-        cache=DecoderCache(layers=full.layers[:num_layers]),
+        cache=setup.cache,
         batch_layers=jnp.zeros((), jnp.int32),
         layers_B=jnp.zeros((b,), jnp.int32),
     )
@@ -95,10 +98,11 @@ def single_exit_decode(
 
     def body(s: SingleExitState) -> SingleExitState:
         active_B = ~s.done_B
-        h0_B1D = model.embed_decoder(s.last_token_B[:, None])
+        offset_B = ctx.base_B + s.step
+        h0_B1D = model.embed(s.last_token_B[:, None], offset_B)
         hidden_B1D, prev_B1D, cache = run_layers(
-            model, h0_B1D, 0, num_layers, cache=s.cache, ctx=ctx,
-            offset_B=jnp.full((b,), s.step, jnp.int32), need_prev=measure == "hidden_cosine",
+            model, h0_B1D, 0, num_layers, cache=s.cache, ctx=ctx, offset_B=offset_B,
+            need_prev=measure == "hidden_cosine",
         )  # fmt: skip
         logits_BV, conf_B = conf_lib.exit_confidence(
             model, measure, hidden_B1D[:, 0],
@@ -129,17 +133,15 @@ def single_exit_decode(
     )
 
 
-def greedy_decode(config: T5Config, params, encoder_tokens_BS, *, max_decode_len: int, **kw):
+def greedy_decode(config, params, inputs_BS, *, max_decode_len: int, **kw):
     """Full-model greedy decoding; see `single_exit_decode` for the options."""
-    return single_exit_decode(
-        config, params, encoder_tokens_BS, max_decode_len=max_decode_len, **kw
-    )
+    return single_exit_decode(config, params, inputs_BS, max_decode_len=max_decode_len, **kw)
 
 
 def sample_decode(
-    config: T5Config,
+    config,
     params,
-    encoder_tokens_BS,
+    inputs_BS,
     *,
     max_decode_len: int,
     rng: jax.Array,
@@ -152,6 +154,6 @@ def sample_decode(
     top_k=1 is greedy decoding whatever the temperature.
     """
     return single_exit_decode(
-        config, params, encoder_tokens_BS, max_decode_len=max_decode_len,
+        config, params, inputs_BS, max_decode_len=max_decode_len,
         picker=sampling_picker(rng, temperature, top_k), **kw,
     )  # fmt: skip

@@ -1,10 +1,16 @@
 """Loop states and results of every decoder, plus the small helpers they share.
 
 Every decoder is a `jax.lax.while_loop` over one of the `flax.struct.dataclass` states below; shapes
-never change inside the loop. Dimension keys: B batch, S source length, N `max_decode_len` (the
-output length), T cache length (N plus slack), W FREE's window, D model width, K beams.
+never change inside the loop. Dimension keys: B batch, S input length (T5's source, a decoder-only
+model's prompt), N `max_decode_len` (the output length), T cache length (N plus slack; plus S for
+a decoder-only model), W FREE's window, D model width, K beams.
 
-Output layout, shared by all decoders (position n holds the n-th token after the decoder start):
+Positions: the loops count output positions n = 0..N-1; output position n of example b sits at
+cache position `ctx.base_B[b] + n` (T5: base 0; decoder-only: the prompt length minus one), which
+is the `offset_B` every model call receives.
+
+Output layout, shared by all decoders (position n holds the n-th token after the decoder start
+token, or after the prompt):
 
     tokens       [B, N]  int32   the tokens; 0 (pad) after EOS and after an example's max length
     exit_layer   [B, N]  int32   decoder layers behind each token (0 where there is no token)
@@ -13,13 +19,14 @@ Output layout, shared by all decoders (position n holds the n-th token after the
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
-from free_jax.models import T5, CrossKV, DecoderCache
+from free_jax.models import DecoderCache
+from free_jax.models.protocol import DecodeContext, bind
 
 # ============================================================== results
 
@@ -232,8 +239,9 @@ class FreeState:
     Attributes:
       pos_B: [B] int32 position decoded next (positions before it hold tokens).
       last_token_B: [B] int32 decoder input at `pos_B`.
-      cache: `DecoderCache` [B, H, T, K] per layer, T = N + W; deep layers hold exact key/values
-        for positions before `pos_B - stack_len_B`, shallow layers for positions before `pos_B`.
+      cache: `DecoderCache` [B, H, T, K] per layer, T = N + W (+ S); deep layers hold exact
+        key/values for output positions before `pos_B - stack_len_B`, shallow layers for those
+        before `pos_B` (and, for a decoder-only model, every layer for the prompt).
       stack_BWD: [B, W, D] stacked layer-S inputs (compute dtype).
       stack_len_B: [B] int32 stacked positions, at most W - 1.
       log: `TokenLog` of [B, N] outputs.
@@ -301,65 +309,68 @@ class BeamState:
 # ============================================================== helpers
 
 
-@struct.dataclass
-class EncoderContext:
-    """What every decoder step needs from the encoder, computed once per input.
-
-    Attributes:
-      cross: per decoder layer `CrossKV` [B, H, S, K].
-      encoder_mask_BS: [B, S] bool, true on real (non-pad) encoder tokens.
-    """
-
-    cross: tuple[CrossKV, ...]
-    encoder_mask_BS: jax.Array
-
-
-def encode(model: T5, encoder_tokens_BS: jax.Array) -> EncoderContext:
-    """Runs the encoder and the cross-attention projections of a bound `T5`."""
-    encoded_BSD = model.encode(encoder_tokens_BS)
-    return EncoderContext(
-        cross=model.precompute_cross(encoded_BSD),
-        encoder_mask_BS=encoder_tokens_BS != model.config.pad_token_id,
-    )
-
-
 class DecodeSetup(NamedTuple):
     """What a decoder computes before its loop (trace-time values, not loop state).
 
     Attributes:
-      model: the bound `T5`.
-      ctx: the encoder's `EncoderContext`.
+      model: the bound model (anything with the `DecodingModel` methods).
+      ctx: its `DecodeContext` (first input token and base cache position per example, plus the
+        family's memory, e.g. T5's encoder output).
+      cache: the caches `model.start` returned: prompt positions prefilled (decoder-only),
+        `cache_length` more positions free, `num_layers` layers.
       batch, length: B and N (`max_decode_len`).
       max_len_B: [B] int32 per-example maximum lengths, clipped to N.
     """
 
-    model: T5
-    ctx: EncoderContext
+    model: Any
+    ctx: DecodeContext
+    cache: DecoderCache
     batch: int
     length: int
     max_len_B: jax.Array
 
 
 def decode_setup(
-    config, params, encoder_tokens_BS: jax.Array, max_decode_len: int, max_lengths_B=None
-):
-    """Binds the model, runs the encoder and resolves the per-example maximum lengths."""
-    model = T5(config).bind({"params": params})
-    b = encoder_tokens_BS.shape[0]
+    config,
+    params,
+    inputs_BS: jax.Array,
+    max_decode_len: int,
+    max_lengths_B=None,
+    *,
+    input_lengths_B=None,
+    slack: int = 0,
+    num_layers: int | None = None,
+) -> DecodeSetup:
+    """Binds the model, builds its context from the inputs (T5: encodes them; decoder-only:
+    prefills the prompts) and resolves the per-example maximum lengths.
+
+    Args:
+      inputs_BS: [B, S] int32 encoder tokens (T5) or right-padded prompts (decoder-only).
+      input_lengths_B: [B] prompt lengths (decoder-only; None: every row is a full prompt).
+      slack: cache positions beyond the N decoded ones (FREE's window).
+      num_layers: cache only the first layers (static exit); None: all.
+    """
+    model = bind(config, params)
+    b = inputs_BS.shape[0]
+    ctx, cache = model.start(
+        inputs_BS, input_lengths_B, extra_length=max_decode_len + slack, num_layers=num_layers
+    )
     return DecodeSetup(
         model=model,
-        ctx=encode(model, encoder_tokens_BS),
+        ctx=ctx,
+        cache=cache,
         batch=b,
         length=max_decode_len,
         max_len_B=resolve_max_lengths(max_lengths_B, b, max_decode_len),
     )
 
 
-def start_fields(config, batch: int, length: int, max_len_B: jax.Array) -> dict[str, jax.Array]:
-    """The fields every one-sequence-per-example state starts from: the decoder start token as the
-    last token [B], an empty `TokenLog` [B, N], and done [B] where the maximum length is 0."""
+def start_fields(setup: DecodeSetup) -> dict[str, jax.Array]:
+    """The fields every one-sequence-per-example state starts from: the first decoder input as
+    the last token [B], an empty `TokenLog` [B, N], and done [B] where the maximum length is 0."""
+    batch, length, max_len_B = setup.batch, setup.length, setup.max_len_B
     return dict(
-        last_token_B=jnp.full((batch,), config.decoder_start_token_id, jnp.int32),
+        last_token_B=setup.ctx.first_token_B,
         log=TokenLog.empty(batch, length),
         done_B=max_len_B <= 0,
     )
@@ -400,20 +411,19 @@ def result_from_log(log: TokenLog, **counters) -> DecodeResult:
     )
 
 
-def run_layers(model: T5, hidden_BCD, start: int, end: int, *, cache, ctx, offset_B, need_prev):
-    """Decoder layers [start, end) on a chunk; returns (hidden, hidden one layer earlier, cache).
+def run_layers(model, hidden_BCD, start: int, end: int, *, cache, ctx, offset_B, need_prev):
+    """Decoder layers [start, end) on a chunk whose first row sits at cache position `offset_B`;
+    returns (hidden, hidden one layer earlier, cache).
 
     The earlier hidden state (input of layer end-1) is only computed apart when `need_prev`
     (the "hidden_cosine" measure); otherwise it is None and the layers run as one call.
     """
-    kw = dict(cross=ctx.cross, encoder_mask_BS=ctx.encoder_mask_BS, offset_B=offset_B)
+    kw = dict(context=ctx, offset_B=offset_B)
     if not need_prev:
-        hidden_BCD, cache = model.decode_layers(hidden_BCD, start=start, end=end, cache=cache, **kw)
+        hidden_BCD, cache = model.layers(hidden_BCD, start=start, end=end, cache=cache, **kw)
         return hidden_BCD, None, cache
     prev_BCD = hidden_BCD
     if end - 1 > start:
-        prev_BCD, cache = model.decode_layers(
-            hidden_BCD, start=start, end=end - 1, cache=cache, **kw
-        )
-    hidden_BCD, cache = model.decode_layers(prev_BCD, start=end - 1, end=end, cache=cache, **kw)
+        prev_BCD, cache = model.layers(hidden_BCD, start=start, end=end - 1, cache=cache, **kw)
+    hidden_BCD, cache = model.layers(prev_BCD, start=end - 1, end=end, cache=cache, **kw)
     return hidden_BCD, prev_BCD, cache

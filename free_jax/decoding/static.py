@@ -1,7 +1,7 @@
 """Static exit: every token leaves after a fixed decoder layer k (the model truncated at k).
 
 The layers above k never run and their caches are not even allocated. Equivalent to greedy decoding
-with the teacher-forced `T5(...)(enc, dec, exit_layers=(k,)).exit_logits[k]`.
+with the teacher-forced model's `exit_logits[k]` (e.g. `T5(...)(enc, dec, exit_layers=(k,))`).
 """
 
 from __future__ import annotations
@@ -10,13 +10,12 @@ import jax
 
 from free_jax.decoding.greedy import single_exit_decode
 from free_jax.decoding.state import DecodeResult
-from free_jax.models import T5Config
 
 
 def static_decode(
-    config: T5Config,
+    config,
     params,
-    encoder_tokens_BS: jax.Array,
+    inputs_BS: jax.Array,
     *,
     exit_layer: int,
     max_decode_len: int,
@@ -30,6 +29,6 @@ def static_decode(
     """
     config.check_exit_layer(exit_layer, what="static exit_layer")
     return single_exit_decode(
-        config, params, encoder_tokens_BS, max_decode_len=max_decode_len, num_layers=exit_layer,
+        config, params, inputs_BS, max_decode_len=max_decode_len, num_layers=exit_layer,
         **kw,
     )  # fmt: skip

@@ -29,9 +29,23 @@ from flax import linen as nn
 from flax import struct
 
 from free_jax.models import attention as attn
-from free_jax.models.cache import CrossKV, DecoderCache
+from free_jax.models.cache import CrossKV, DecoderCache, init_cache
 from free_jax.models.config import T5Config
 from free_jax.models.layers import DecoderLayer, Dense, EncoderLayer, RMSNorm
+from free_jax.models.protocol import DecodeContext, register_family
+
+
+@struct.dataclass
+class EncoderMemory:
+    """T5's `DecodeContext.memory`: what decoder layers read from the encoder.
+
+    Attributes:
+      cross: per decoder layer `CrossKV` [B, H, S, K].
+      encoder_mask_BS: [B, S] bool, true on real (non-pad) encoder tokens.
+    """
+
+    cross: tuple[CrossKV, ...]
+    encoder_mask_BS: jax.Array
 
 
 @struct.dataclass
@@ -263,6 +277,58 @@ class T5(nn.Module):
         """
         return self.decoder.self_kv(hidden_BCD, layer)
 
+    # ------------------------------------------------- decoding protocol
+    # (free_jax.models.protocol: what every decoder calls; T5's context is its encoder output)
+    def start(
+        self,
+        inputs_BS: jax.Array,
+        lengths_B: jax.Array | None = None,
+        *,
+        extra_length: int,
+        num_layers: int | None = None,
+    ) -> tuple[DecodeContext, DecoderCache]:
+        """Encodes `inputs_BS` (0 is padding; `lengths_B` is not needed and ignored) and returns
+        the context with empty caches of `extra_length` positions for the first `num_layers`
+        decoder layers (default all)."""
+        del lengths_B
+        c = self.config
+        b = inputs_BS.shape[0]
+        memory = EncoderMemory(
+            cross=self.precompute_cross(self.encode(inputs_BS)),
+            encoder_mask_BS=inputs_BS != c.pad_token_id,
+        )
+        context = DecodeContext(
+            first_token_B=jnp.full((b,), c.decoder_start_token_id, jnp.int32),
+            base_B=jnp.zeros((b,), jnp.int32),
+            memory=memory,
+        )
+        cache = self.init_cache(b, extra_length)
+        if num_layers is not None:
+            cache = DecoderCache(layers=cache.layers[:num_layers])
+        return context, cache
+
+    def init_cache(self, batch: int, length: int) -> DecoderCache:
+        return init_cache(self.config, batch, length)
+
+    def embed(self, tokens_BC: jax.Array, offset_B: jax.Array | None = None) -> jax.Array:
+        """Decoder input embeddings (T5's positions enter through the attention bias)."""
+        del offset_B
+        return self.embed_decoder(tokens_BC)
+
+    def layers(self, hidden_BCD, *, start, end, cache, context: DecodeContext, offset_B):
+        """`decode_layers` reading the encoder memory from `context`."""
+        return self.decode_layers(
+            hidden_BCD, start=start, end=end, cache=cache, cross=context.memory.cross,
+            encoder_mask_BS=context.memory.encoder_mask_BS, offset_B=offset_B,
+        )  # fmt: skip
+
+    def final_norm(self, hidden_BTD: jax.Array) -> jax.Array:
+        return self.decoder.final(hidden_BTD)
+
+    def layer_kv(self, hidden_BCD: jax.Array, layer: int, offset_B=None):
+        del offset_B  # relative positions: T5's keys do not depend on where they sit
+        return self.layer_self_kv(hidden_BCD, layer)
+
     # ------------------------------------------------------------ whole model
     def __call__(
         self,
@@ -313,6 +379,9 @@ class T5(nn.Module):
             decoder_hidden=tuple(outputs) if return_hidden else (),
             encoded=encoded_BSD,
         )
+
+
+register_family(T5Config, T5)
 
 
 def init_params(config: T5Config, rng: jax.Array, batch: int = 1, length: int = 4):

@@ -1,0 +1,242 @@
+"""One frozen spec per decoding method: every option of a method, named once.
+
+The same spec objects are used by `decoding.decode`, the evaluation suite, `generate`,
+`calibrate`, the decode benchmark and gin (they are registered as gin configurables by the entry
+points), so an option added here is reachable everywhere.
+
+    decode(config, params, inputs_BS, FreeSpec(window=8, measure="softmax_max"),
+           max_decode_len=64, threshold=0.9)
+
+Two kinds of field:
+* static ones select code (layer counts, the window, the measure, whether FREE verifies): a new
+  value compiles a new decoder;
+* value fields (`TRACED_FIELDS`: CALM/FREE's `position_temp`, FREE's `rollback` threshold,
+  sampling's `temperature`, beam search's `length_penalty`) are passed to the compiled decoder as
+  traced arrays: a new value never recompiles (`compile_key` blanks them out).
+The exit threshold itself is not part of any spec: it is what calibration produces and sweeps
+vary, so it is given per call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from free_jax.decoding.confidence import check_measure
+
+DEFAULT_MEASURE = "softmax_margin"
+DEFAULT_THRESHOLD = 0.9  # the exit threshold used where none is given (FREE's and CALM's papers)
+
+
+@dataclasses.dataclass(frozen=True)
+class GreedySpec:
+    """The full model, argmax at every step."""
+
+    method = "greedy"
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleSpec:
+    """The full model, sampling.
+
+    Attributes:
+      top_k: sample among the top_k logits (0: the whole vocabulary); static.
+      temperature: softmax temperature (traced).
+    """
+
+    top_k: int = 0
+    temperature: float = 1.0
+    method = "sample"
+
+    def __post_init__(self):
+        if self.top_k < 0:
+            raise ValueError(f"SampleSpec.top_k must be >= 0, got {self.top_k}")
+
+
+@dataclasses.dataclass(frozen=True)
+class BeamSpec:
+    """Full-model beam search.
+
+    Attributes:
+      beam_size: K beams (static).
+      length_penalty: alpha in ((5 + length) / 6) ** alpha (traced; 0 ranks by log-probability).
+    """
+
+    beam_size: int = 4
+    length_penalty: float = 0.0
+    method = "beam"
+
+    def __post_init__(self):
+        if self.beam_size < 1:
+            raise ValueError(f"BeamSpec.beam_size must be >= 1, got {self.beam_size}")
+
+
+@dataclasses.dataclass(frozen=True)
+class StaticSpec:
+    """Every token leaves after decoder layer `exit_layer` (k, 1 <= k < L)."""
+
+    exit_layer: int
+    measure: str = DEFAULT_MEASURE
+    method = "static"
+
+    def __post_init__(self):
+        check_measure(self.measure)
+
+
+@dataclasses.dataclass(frozen=True)
+class CalmSpec:
+    """CALM: an exit test after every layer from `min_exit`, with state copying.
+
+    Attributes:
+      min_exit: the first layer whose exit is tested (1 <= m < L).
+      measure: confidence measure (`confidence.MEASURES`).
+      position_temp: CALM's threshold decay over positions (0: none; traced).
+    """
+
+    min_exit: int = 1
+    measure: str = DEFAULT_MEASURE
+    position_temp: float = 0.0
+    method = "calm"
+
+    def __post_init__(self):
+        check_measure(self.measure)
+
+
+@dataclasses.dataclass(frozen=True)
+class FreeSpec:
+    """FREE's synchronized parallel decoding (plain, rollback or lossless).
+
+    Attributes:
+      shallow: S, the shallow exit layer (None: the config's `shallow_layer`).
+      window: W, the most positions in one deep pass.
+      lossless: reject every shallow token the deep layers disagree with (output = greedy).
+      rollback: FREE's rollback policy: reject a shallow token whose deep cross-entropy exceeds
+        this value (None: no rollback; the value is traced).
+      records: keep the (confidence, agree) records that calibration fits; False lets plain FREE's
+        deep exit read only the current position.
+      measure: the shallow confidence measure.
+      position_temp: CALM-style threshold decay over positions (0: none; traced).
+    """
+
+    shallow: int | None = None
+    window: int = 8
+    lossless: bool = False
+    rollback: float | None = None
+    records: bool = True
+    measure: str = DEFAULT_MEASURE
+    position_temp: float = 0.0
+    method = "free"
+
+    def __post_init__(self):
+        check_measure(self.measure)
+        if self.window < 1:
+            raise ValueError(f"FreeSpec.window must be >= 1, got {self.window}")
+        if self.lossless and self.rollback is not None:
+            raise ValueError("FreeSpec: lossless and rollback exclude each other")
+
+    @property
+    def mode(self) -> str:
+        """free_loop's mode: "lossless", "rollback" or "plain"."""
+        if self.lossless:
+            return "lossless"
+        return "plain" if self.rollback is None else "rollback"
+
+
+SPECS = (GreedySpec, SampleSpec, BeamSpec, StaticSpec, CalmSpec, FreeSpec)
+# Method names (as `decode(..., method=)`, `generate --decoder` and the benchmark use them).
+METHODS = ("greedy", "sample", "beam", "static", "calm", "free", "free_lossless")
+EARLY_EXIT = (StaticSpec, CalmSpec, FreeSpec)
+NEEDS_THRESHOLD = (CalmSpec, FreeSpec)
+TRACED_FIELDS = ("position_temp", "rollback", "temperature", "length_penalty")
+
+Spec = GreedySpec | SampleSpec | BeamSpec | StaticSpec | CalmSpec | FreeSpec
+
+
+def compile_key(spec: Spec) -> Spec:
+    """`spec` with its traced values blanked: equal keys share one compiled decoder."""
+    blank: dict[str, Any] = {}
+    for field in dataclasses.fields(spec):
+        if field.name in TRACED_FIELDS:
+            value = getattr(spec, field.name)
+            blank[field.name] = None if value is None else 0.0
+    return dataclasses.replace(spec, **blank)
+
+
+def check_spec(spec: Spec, config) -> None:
+    """Rejects layer choices the model does not have (errors name the spec field)."""
+    if not isinstance(spec, SPECS):
+        raise TypeError(
+            f"not a decoding spec: {spec!r}; expected one of {[s.__name__ for s in SPECS]}"
+        )
+    name = type(spec).__name__
+    if isinstance(spec, StaticSpec):
+        config.check_exit_layer(spec.exit_layer, what=f"{name}.exit_layer")
+    if isinstance(spec, CalmSpec):
+        config.check_exit_layer(spec.min_exit, what=f"{name}.min_exit")
+    if isinstance(spec, FreeSpec) and spec.shallow is not None:
+        config.check_exit_layer(spec.shallow, what=f"{name}.shallow")
+
+
+def spec_for(
+    method: str,
+    *,
+    exit_layer: int | None = None,
+    window: int = 8,
+    measure: str = DEFAULT_MEASURE,
+    rollback: float | None = None,
+    records: bool = True,
+    position_temp: float = 0.0,
+    top_k: int = 0,
+    temperature: float = 1.0,
+    beam_size: int = 4,
+    length_penalty: float = 0.0,
+) -> Spec:
+    """The spec of a method name (`METHODS`) from keyword options — the keyword form of `decode`.
+
+    `exit_layer` is k for "static", the minimum exit for "calm" (default 1) and S for "free" /
+    "free_lossless" (default: the config's).
+
+    >>> spec_for("free_lossless", exit_layer=2, window=4)
+    FreeSpec(shallow=2, window=4, lossless=True, rollback=None, records=True, measure='softmax_margin', position_temp=0.0)
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown decoding method {method!r}; expected one of {METHODS}")
+    if rollback is not None and method != "free":
+        raise ValueError("rollback applies to method 'free' only")
+    if method == "greedy":
+        return GreedySpec()
+    if method == "sample":
+        return SampleSpec(top_k=top_k, temperature=temperature)
+    if method == "beam":
+        return BeamSpec(beam_size=beam_size, length_penalty=length_penalty)
+    if method == "static":
+        if exit_layer is None:
+            raise ValueError("method 'static' needs exit_layer=k")
+        return StaticSpec(exit_layer=exit_layer, measure=measure)
+    if method == "calm":
+        return CalmSpec(
+            min_exit=1 if exit_layer is None else exit_layer, measure=measure,
+            position_temp=position_temp,
+        )  # fmt: skip
+    return FreeSpec(
+        shallow=exit_layer, window=window, lossless=method == "free_lossless", rollback=rollback,
+        records=records, measure=measure, position_temp=position_temp,
+    )  # fmt: skip
+
+
+def method_name(spec: Spec) -> str:
+    """The `METHODS` name of a spec ("free_lossless" for a lossless `FreeSpec`)."""
+    if isinstance(spec, FreeSpec) and spec.lossless:
+        return "free_lossless"
+    return spec.method
+
+
+def exit_layer_of(spec: Spec, config) -> int | None:
+    """The layer a spec's early exit sits at: k (static), the minimum exit (CALM), S (FREE)."""
+    if isinstance(spec, StaticSpec):
+        return spec.exit_layer
+    if isinstance(spec, CalmSpec):
+        return spec.min_exit
+    if isinstance(spec, FreeSpec):
+        return config.shallow_layer if spec.shallow is None else spec.shallow
+    return None
