@@ -1,11 +1,13 @@
 """Offline calibration entry point: fit FREE's exit threshold on a calibration split.
 
-    python -m free_jax.calibrate --gin_file=gin_configs/runs/calibrate_demo.gin \\
-        [--gin.CHECKPOINT=\\"path\\"] [--gin.calibrate.num_examples=300]
+    python -m free_jax.calibrate --gin_file=gin_configs/runs/calibrate.gin \\
+        [--gin.CHECKPOINT=\\"path\\"] [--gin.calibrate.num_examples=300] \\
+        [--gin.FreeSpec.measure=...]
 
-Decodes the split with FREE at a threshold no token passes, so the deep layers verify every position
-and each yields an unbiased (shallow confidence, shallow == deep) record; fits the chosen estimator;
-writes threshold.json (value, interval, estimator, counts) and calibration.png.
+Decodes the split with FREE (`calibrate.spec`, a `FreeSpec`: its shallow layer, window and measure
+are the ones the threshold is for) at a threshold no token passes, so the deep layers verify every
+position and each yields an unbiased (shallow confidence, shallow == deep) record; fits the chosen
+estimator; writes threshold.json (value, interval, estimator, counts) and calibration.png.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 import gin
 import numpy as np
 
+from free_jax import gin_configurables  # noqa: F401  (registers the specs calibrate.gin binds)
 from free_jax.calibration import (
     fit_bmm_threshold,
     fit_moments_threshold,
@@ -25,21 +28,30 @@ from free_jax.calibration import (
     save_threshold,
 )
 from free_jax.data import get_task
+from free_jax.decoding.specs import FreeSpec
 from free_jax.evaluation import DecoderChoice, EvalSettings, run_decoder
 from free_jax.evaluation.runner import split_batches
-from free_jax.loading import describe_config, load_model_and_tokenizer
+from free_jax.loading import describe_config, load_confidence_head, load_model_and_tokenizer
 from free_jax.train import parse_flags, parse_gin
 
-NEVER_EXIT = (
-    1.0  # confidences are softmax margins in [0, 1]; a token exits only when strictly above
-)
+# A token exits only when its confidence is strictly above the threshold: at infinity nothing exits
+# and every position is verified, whatever the measure (a float32 cosine can round above 1).
+NEVER_EXIT = float("inf")
 
 
-def collect_records(config, params, batches, settings: EvalSettings, progress=True):
-    """(confidence, agree) of every decoded position, from FREE's deep passes."""
+def collect_records(
+    config, params, batches, settings: EvalSettings, spec: FreeSpec | None = None, *,
+    confidence_params=None, progress=True,
+):  # fmt: skip
+    """(confidence, agree) of every decoded position, from the deep passes of FREE (`spec`)."""
+    spec = FreeSpec() if spec is None else spec
+    if not isinstance(spec, FreeSpec) or not spec.records:
+        raise ValueError(
+            f"calibrate.spec must be a FreeSpec that keeps its agreement records, got {spec!r}"
+        )
     run = run_decoder(
-        DecoderChoice("free (calibration)", "free", NEVER_EXIT), config, params, batches, settings,
-        progress=progress,
+        DecoderChoice("free (calibration)", spec, NEVER_EXIT), config, params, batches, settings,
+        confidence_params=confidence_params, progress=progress,
     )  # fmt: skip
     return run.records_confidence, run.records_agree
 
@@ -66,13 +78,20 @@ def calibrate(
     zeta: float = 0.4,
     out: str | None = None,
     settings: EvalSettings | None = None,
+    spec: FreeSpec | None = None,
+    confidence_head: str | None = None,
     progress: bool = True,
 ):
-    """Decodes, fits and writes `threshold.json`; returns the `ThresholdResult`."""
+    """Decodes, fits and writes `threshold.json`; returns the `ThresholdResult`.
+
+    `spec`: the FREE decoder whose threshold is fitted (None: `FreeSpec()`); `confidence_head`: a
+    file from `loading.save_confidence_head`, for `FreeSpec.measure = 'learned'`.
+    """
     settings = settings or EvalSettings()
     config, params, tok = load_model_and_tokenizer(
         checkpoint, tokenizer, flag="calibrate.tokenizer"
     )
+    head = load_confidence_head(confidence_head, config) if confidence_head else None
     batches = split_batches(
         get_task(task), tok, split, data_dir=data_dir, batch_size=batch_size,
         max_input_length=max_input_length, max_target_length=settings.max_decode_len,
@@ -80,7 +99,9 @@ def calibrate(
     )  # fmt: skip
     n = sum(b.num_real for b in batches)
     print(f"{describe_config(config)}; calibrating on {task}/{split}: {n} examples")
-    conf, agree = collect_records(config, params, batches, settings, progress)
+    conf, agree = collect_records(
+        config, params, batches, settings, spec, confidence_params=head, progress=progress
+    )
     start = time.perf_counter()
     result = fit(conf, agree, estimator, zeta)
     fit_s = time.perf_counter() - start

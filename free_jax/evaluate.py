@@ -1,7 +1,8 @@
 """Evaluation entry point: every decoder on a task's split, quality and speed side by side.
 
-    python -m free_jax.evaluate --gin_file=gin_configs/runs/eval_demo.gin \\
+    python -m free_jax.evaluate --gin_file=gin_configs/runs/evaluate.gin \\
         [--gin.CHECKPOINT=\\"path\\"] [--gin.NUM_EXAMPLES=200] [--gin.evaluate.threshold_file=...]
+        [--gin.FreeSpec.window=16] [--gin.CalmSpec.min_exit=2] [--gin.FreeSpec.measure=...]
 
 Writes results.json, results.md and pareto.png (plus calibration.png for the adaptive threshold)
 under OUT_DIR (default CHECKPOINT/eval) and prints the table.
@@ -9,6 +10,7 @@ under OUT_DIR (default CHECKPOINT/eval) and prints the table.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -16,17 +18,15 @@ from pathlib import Path
 
 import gin
 
+from free_jax import gin_configurables  # noqa: F401  (registers the specs evaluate.gin binds)
 from free_jax.calibration import load_threshold, plot_calibration
 from free_jax.data import get_task
 from free_jax.evaluation import EvalSettings, SuiteSpec, run_suite, write_report
 from free_jax.evaluation.report import markdown_table
 from free_jax.evaluation.runner import split_batches
 from free_jax.evaluation.suite import device_name
-from free_jax.loading import describe_config, load_model_and_tokenizer
+from free_jax.loading import describe_config, load_confidence_head, load_model_and_tokenizer
 from free_jax.train import parse_flags, parse_gin
-
-gin.external_configurable(EvalSettings, module="free_jax")
-gin.external_configurable(SuiteSpec, module="free_jax")
 
 
 @gin.configurable(module="free_jax")
@@ -42,16 +42,22 @@ def evaluate(
     out_dir: str | None = None,
     settings: EvalSettings | None = None,
     suite: SuiteSpec | None = None,
+    confidence_head: str | None = None,
     progress: bool = True,
 ) -> dict:
-    """Loads the model, runs the suite, writes the report; returns {"records", "paths", ...}."""
+    """Loads the model, runs the suite, writes the report; returns {"records", "paths", ...}.
+
+    `suite` holds every decoder's spec (`SuiteSpec.free`, `.calm`, `.static`); `confidence_head`
+    is a file from `loading.save_confidence_head`, read by specs whose measure is "learned".
+    """
     settings = settings or EvalSettings()
     suite = suite or SuiteSpec()
     config, params, tok = load_model_and_tokenizer(checkpoint, tokenizer, flag="evaluate.tokenizer")
+    head = load_confidence_head(confidence_head, config) if confidence_head else None
     task_obj = get_task(task)
     if threshold_file:
         calibrated = load_threshold(threshold_file)
-        suite = SuiteSpec(**{**suite.__dict__, "calibrated_threshold": calibrated.threshold})
+        suite = dataclasses.replace(suite, calibrated_threshold=calibrated.threshold)
     batches = split_batches(
         task_obj, tok, split, data_dir=data_dir, batch_size=max(suite.batch_sizes),
         max_input_length=max_input_length, max_target_length=settings.max_decode_len,
@@ -61,7 +67,7 @@ def evaluate(
     print(f"{describe_config(config)}; {task}/{split}: {n} examples; device {device_name()}")
     records, extras = run_suite(
         config, params, batches, lambda ids: tok.decode(list(ids)), task_obj.metric, settings,
-        suite, progress=progress,
+        suite, confidence_params=head, progress=progress,
     )  # fmt: skip
     out = Path(out_dir or Path(checkpoint) / "eval")
     header = (

@@ -1,27 +1,39 @@
 """Interactive generation: one input, any decoder, each token marked by the exit it left from.
 
     python -m free_jax.generate --checkpoint=demo/model --decoder=free "Could not open file"
-    python -m free_jax.generate --checkpoint=... --decoder=free --threshold=0.8 --show_confidence "..."
+    python -m free_jax.generate --checkpoint=... --decoder=free --threshold=0.8 --show_confidence \\
+        "..."
+    python -m free_jax.generate --checkpoint=... --decoder=calm --exit_layer=2 \\
+        --measure=softmax_max "..."
 
-In a terminal, shallow-exit tokens print in green and deep ones in the default colour (`--color`
+`--decoder` is a method of `free_jax.decoding.specs` ("full" is greedy); the decoder options
+build its spec through `specs.spec_for` (an option the method has no field for is an error). In a
+terminal, shallow-exit tokens print in green and deep ones in the default colour (`--color`
 forces or disables it); `--show_confidence` appends each token's confidence.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 
+import jax
 import numpy as np
 
 from free_jax.data import get_task
-from free_jax.decoding import decode
-from free_jax.loading import load_model
+from free_jax.decoding import MEASURES, decode
+from free_jax.decoding.specs import DEFAULT_THRESHOLD, METHODS, NEEDS_THRESHOLD, spec_for
+from free_jax.loading import load_confidence_head, load_model
 
 GREEN, DIM, RESET = "\033[32m", "\033[2m", "\033[0m"
-DECODERS = {"full": "greedy", "greedy": "greedy", "static": "static", "calm": "calm",
-            "free": "free", "free_lossless": "free_lossless"}  # fmt: skip
+ALIASES = {"full": "greedy"}
+# Flags that are `spec_for` keywords (unset: the spec's default applies).
+SPEC_OPTIONS = ("exit_layer", "window", "measure", "rollback", "records", "position_temp", "top_k",
+                "temperature", "beam_size", "length_penalty")  # fmt: skip
+# The spec fields `--exit_layer` sets: static's k, CALM's minimum exit, FREE's S.
+EXIT_FIELDS = {"exit_layer", "min_exit", "shallow"}
 
 
 def token_pieces(tokenizer, ids: Sequence[int]) -> list[str]:
@@ -52,11 +64,27 @@ def parse_args(argv):
     p.add_argument("text", nargs="+", help="input text (joined with spaces)")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--tokenizer", default=None)
-    p.add_argument("--decoder", choices=sorted(DECODERS), default="free")
-    p.add_argument("--threshold", type=float, default=None, help="exit threshold (calm/free)")
+    p.add_argument("--decoder", choices=sorted({*METHODS, *ALIASES}), default="free")
+    p.add_argument("--threshold", type=float, default=None,
+                   help=f"exit threshold (calm/free; default {DEFAULT_THRESHOLD})")  # fmt: skip
     p.add_argument("--threshold_file", default=None, help="a threshold.json from calibrate")
-    p.add_argument("--exit_layer", type=int, default=None, help="static k / CALM min / FREE S")
-    p.add_argument("--window", type=int, default=8)
+    spec = p.add_argument_group("decoder options (fields of the method's spec; default: its own)")
+    spec.add_argument("--exit_layer", type=int, default=None,
+                      help="static k (default S) / CALM's minimum exit / FREE's S")  # fmt: skip
+    spec.add_argument("--window", type=int, default=None, help="FREE's stack window W")
+    spec.add_argument("--measure", choices=MEASURES, default=None, help="confidence measure")
+    spec.add_argument("--rollback", type=float, default=None,
+                      help="FREE: reject shallow tokens whose deep CE exceeds this")  # fmt: skip
+    spec.add_argument("--no_records", dest="records", action="store_const", const=False,
+                      default=None, help="FREE without agreement records")  # fmt: skip
+    spec.add_argument("--position_temp", type=float, default=None, help="threshold decay")
+    spec.add_argument("--top_k", type=int, default=None, help="sample: top-k (0: all)")
+    spec.add_argument("--temperature", type=float, default=None, help="sample: temperature")
+    spec.add_argument("--beam_size", type=int, default=None, help="beam: beams")
+    spec.add_argument("--length_penalty", type=float, default=None, help="beam: length penalty")
+    p.add_argument("--confidence_head", default=None,
+                   help="for --measure=learned: a file from loading.save_confidence_head")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--max_decode_len", type=int, default=64)
     p.add_argument("--task", default=None, help="prepend this task's input prefix")
     p.add_argument("--show_confidence", action="store_true")
@@ -64,11 +92,34 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def decoder_spec(args, config):
+    """The spec `--decoder` and the decoder options name (static's k defaults to the config's S).
+
+    An option the method's spec has no field for is an error, not silently dropped.
+    """
+    method = ALIASES.get(args.decoder, args.decoder)
+    options = {
+        name: getattr(args, name) for name in SPEC_OPTIONS if getattr(args, name) is not None
+    }
+    if method == "static":
+        options.setdefault("exit_layer", config.shallow_layer)
+    spec = spec_for(method, **options)
+    fields = {f.name for f in dataclasses.fields(spec)}
+    if fields & EXIT_FIELDS:
+        fields.add("exit_layer")
+    unknown = [name for name in options if name not in fields]
+    if unknown:
+        options_text = ", ".join(f"--{name}" for name in unknown)
+        raise SystemExit(f"--decoder={args.decoder} takes no {options_text}")
+    return spec
+
+
 def main(argv: Sequence[str] | None = None) -> str:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     config, params, tok = load_model(args.checkpoint, args.tokenizer)
     if tok is None:
         raise SystemExit(f"{args.checkpoint}: no tokenizer found; pass --tokenizer")
+    spec = decoder_spec(args, config)
     text = " ".join(args.text)
     if args.task:
         text = get_task(args.task).prefix + text
@@ -77,16 +128,15 @@ def main(argv: Sequence[str] | None = None) -> str:
         from free_jax.calibration import load_threshold
 
         threshold = load_threshold(args.threshold_file).threshold
-    method = DECODERS[args.decoder]
-    if method in ("calm", "free", "free_lossless") and threshold is None:
-        threshold = 0.9
-    if method == "static" and args.exit_layer is None:
-        args.exit_layer = config.shallow_layer
+    if isinstance(spec, NEEDS_THRESHOLD) and threshold is None:
+        threshold = DEFAULT_THRESHOLD
+    head = None
+    if args.confidence_head:
+        head = load_confidence_head(args.confidence_head, config)
     ids = tok.encode(text) + [tok.eos_id]
     result = decode(
-        config, params, np.asarray([ids], np.int32), method=method,
-        max_decode_len=args.max_decode_len, threshold=threshold, exit_layer=args.exit_layer,
-        window=args.window,
+        config, params, np.asarray([ids], np.int32), spec, max_decode_len=args.max_decode_len,
+        threshold=threshold, confidence_params=head, rng=jax.random.key(args.seed),
     )  # fmt: skip
     n = int(np.asarray(result.lengths)[0])
     out_ids = [int(t) for t in np.asarray(result.tokens)[0, :n] if t != tok.eos_id]

@@ -3,12 +3,18 @@
 Accepted: a free_jax export (`config.json` + `params/`, written by `checkpoints.save_params`), a
 training MODEL_DIR (orbax train-state checkpoints), a Hugging Face directory or hub name, or a T5X
 checkpoint directory. The tokenizer is the `*.model` / `tokenizer.json` beside the weights unless
-one is named.
+one is named. A learned confidence head (`decoding.ConfidenceHead`, measure "learned") is one
+msgpack file (`save_confidence_head` / `load_confidence_head`).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+import jax
+import numpy as np
+from flax import serialization
 
 from free_jax.checkpoints import load_hf, load_params, load_t5x
 from free_jax.data import load_tokenizer
@@ -73,3 +79,31 @@ def describe_config(config: T5Config) -> str:
         f"T5 d_model={config.d_model} heads={config.num_heads} encoder={config.num_encoder_layers} "
         f"decoder L={config.num_decoder_layers} S={config.shallow_layer} V={config.vocab_size}"
     )
+
+
+def save_confidence_head(path: str | os.PathLike, head_params) -> Path:
+    """Writes a `ConfidenceHead`'s parameters (`training.confidence_head`) to one msgpack file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tree = jax.tree_util.tree_map(np.asarray, jax.device_get(head_params))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(serialization.msgpack_serialize(tree))
+    tmp.replace(path)  # never leave half a file under the real name
+    return path
+
+
+def load_confidence_head(path: str | os.PathLike, config: T5Config | None = None):
+    """A `ConfidenceHead`'s parameters saved by `save_confidence_head`; with `config`, checks that
+    the head reads hidden states of the model's width."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"confidence head {path}: no such file")
+    try:
+        head = serialization.msgpack_restore(path.read_bytes())
+        width = np.asarray(head["hidden"]["kernel"]).shape[0]
+        np.asarray(head["out"]["kernel"])
+    except Exception as e:  # msgpack, or a tree that is not a ConfidenceHead's
+        raise ValueError(f"{path}: not a ConfidenceHead's parameters ({e})") from e
+    if config is not None and width != config.d_model:
+        raise ValueError(f"{path}: a head for d_model={width}, but the model's is {config.d_model}")
+    return head

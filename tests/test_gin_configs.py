@@ -2,7 +2,11 @@
 bad bindings fail while parsing, before any training starts."""
 
 import importlib
+import os
 import re
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import gin
@@ -68,6 +72,39 @@ def test_gin_tree_has_the_expected_files():
 @pytest.mark.parametrize("path", ALL_FILES)
 def test_every_file_parses(path):
     entry.parse_gin([str(GIN_DIR / path)], _bindings(path))
+
+
+# The entry point that reads each run file. Each entry point must register, in a process that
+# imports nothing else, every configurable its files reference (@EvalSettings(), @FreeSpec(), ...).
+RUN_ENTRY = {
+    "runs/calibrate.gin": "calibrate", "runs/demo_calibrate.gin": "calibrate",
+    "runs/evaluate.gin": "evaluate", "runs/demo_eval.gin": "evaluate",
+    "runs/train_scratch.gin": "train", "runs/finetune.gin": "train", "runs/demo_cpu.gin": "train",
+    "runs/smoke_cpu.gin": "train", "runs/sharded_smoke_cpu.gin": "train",
+}  # fmt: skip
+
+
+def test_every_run_file_has_an_entry_point():
+    assert set(RUN_ENTRY) == {p for p in ALL_FILES if p.startswith("runs/")}
+
+
+@pytest.mark.parametrize("entry", sorted(set(RUN_ENTRY.values())))
+def test_entry_point_parses_its_run_files_in_a_fresh_process(entry):
+    files = [(str(GIN_DIR / p), _bindings(p)) for p, e in RUN_ENTRY.items() if e == entry]
+    code = textwrap.dedent(f"""
+        import gin
+        from free_jax import {entry} as entry
+        for path, bindings in {files!r}:
+            gin.clear_config()
+            entry.parse_gin([path], bindings)
+        print("parsed", len({files!r}))
+    """)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["parsed", str(len(files))]
 
 
 def test_every_run_file_starts_with_a_header():

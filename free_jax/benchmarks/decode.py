@@ -31,11 +31,18 @@ decoder counts its passes at each width), and `of pieces` the measured speedup o
 own efficiency. Where torch and transformers are installed, Hugging Face's PyTorch
 greedy `generate` runs on the same weights (`hf_greedy`, at its faster of the default and a single
 intra-op thread).
+
+Decoders (`--decoders`) are named specs (`decoder_specs`, one dict): "greedy", "static"
+(`StaticSpec(k)`, k = `--static_layer` or S), "calm" (`CalmSpec()`: its minimum exit is the spec's
+default, layer 1, as in the evaluation suite; the README's table was measured with S), "free"
+(`FreeSpec(window=--window)`), "free_norecords" (the same without agreement records),
+"free_lossless", "sample" (`SampleSpec(top_k=50)`) and "beam" (`BeamSpec(beam_size=4)`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -47,7 +54,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from free_jax.benchmarks.decode_bounds import (
-    FREE_LIKE,
     bound_with_heads,
     component_times,
     layer_bound,
@@ -55,11 +61,39 @@ from free_jax.benchmarks.decode_bounds import (
     timed_runs,
 )
 from free_jax.decoding import cpu_flags, make_decoder, pass_widths
+from free_jax.decoding.specs import (
+    DEFAULT_THRESHOLD,
+    NEEDS_THRESHOLD,
+    BeamSpec,
+    CalmSpec,
+    FreeSpec,
+    GreedySpec,
+    SampleSpec,
+    Spec,
+    StaticSpec,
+)
+from free_jax.evaluation.suite import spec_fields
 from free_jax.models import param_shapes, preset
 
-DECODERS = ("greedy", "static", "calm", "free", "free_norecords", "free_lossless", "sample", "beam")
+
+def decoder_specs(*, window: int = 8, static_k: int = 1) -> dict[str, Spec]:
+    """The benchmark's decoders by name: every option of each is its spec's."""
+    free = FreeSpec(window=window)
+    return {
+        "greedy": GreedySpec(),
+        "static": StaticSpec(exit_layer=static_k),
+        "calm": CalmSpec(),
+        "free": free,
+        "free_norecords": dataclasses.replace(free, records=False),
+        "free_lossless": dataclasses.replace(free, lossless=True),
+        "sample": SampleSpec(top_k=50),
+        "beam": BeamSpec(beam_size=4),
+    }
+
+
+DECODERS = tuple(decoder_specs())
 DEFAULT_DECODERS = DECODERS[:6]
-EARLY_EXIT = ("calm", "free", "free_norecords", "free_lossless")
+EARLY_EXIT = tuple(n for n, spec in decoder_specs().items() if isinstance(spec, NEEDS_THRESHOLD))
 
 
 # ===================================================================== model and inputs
@@ -173,24 +207,6 @@ def hf_greedy_runner(config, params, enc: np.ndarray, max_decode_len: int):
 # ================================================================================= run
 
 
-def _decoder_for(config, name: str, args, static_k: int):
-    kw = dict(max_decode_len=args.max_decode_len)
-    method = name
-    if name == "static":
-        kw["exit_layer"] = static_k
-    if name == "calm":
-        kw["exit_layer"] = config.shallow_layer
-    if name in FREE_LIKE:
-        kw["window"] = args.window
-    if name == "free_norecords":
-        method, kw["records"] = "free", False
-    if name == "sample":
-        kw["top_k"] = 50
-    if name == "beam":
-        kw["beam_size"] = 4
-    return make_decoder(config, method=method, **kw)
-
-
 def run(args) -> tuple[list[dict], dict]:
     overrides = dict(dropout_rate=0.0, dtype=args.dtype)
     if args.shallow is not None:
@@ -200,7 +216,10 @@ def run(args) -> tuple[list[dict], dict]:
     static_k = args.static_layer or shallow
     params = random_params(config, args.seed, args.embedding_std)
     enc_all = random_inputs(config, max(args.batch_sizes), args.source_len, args.seed)
-    decoder_for = lambda name: _decoder_for(config, name, args, static_k)
+    specs = decoder_specs(window=args.window, static_k=static_k)
+    decoder_for = lambda name: make_decoder(
+        config, specs[name], max_decode_len=args.max_decode_len
+    )  # fmt: skip
 
     records, components = [], {}
     for batch in args.batch_sizes:
@@ -217,7 +236,7 @@ def run(args) -> tuple[list[dict], dict]:
         runners = {}
         for name in args.decoders:
             decoder, thr = decoder_for(name), thresholds.get(name)
-            extra = {"rng": jax.random.key(0)} if name == "sample" else {}
+            extra = {"rng": jax.random.key(0)} if isinstance(specs[name], SampleSpec) else {}
             runners[name] = lambda d=decoder, t=thr, x=extra, e=enc: d(params, e, t, **x)
         hf_run = hf_greedy_runner(config, params, enc, args.max_decode_len) if args.hf else None
         if hf_run is not None:
@@ -264,7 +283,8 @@ def run(args) -> tuple[list[dict], dict]:
             tokens = int(np.asarray(result.lengths).sum())
             tps = tokens / median[name]
             p = result.exit_rate(num_layers)
-            bound = layer_bound(name, result, config, shallow, static_k)
+            spec = specs[name]
+            bound = layer_bound(spec, result, num_layers, shallow)
             record = dict(
                 decoder=name, batch_size=batch, tokens_per_s=tps,
                 speedup_vs_full=tps / base_tps, exit_rate=p, bound=bound,
@@ -272,13 +292,11 @@ def run(args) -> tuple[list[dict], dict]:
                 compile_s=max(first[name] - median[name], 0.0), threshold=thresholds.get(name),
                 tokens=tokens,
                 layers_per_token=float(np.asarray(result.layers_computed).sum()) / tokens,
-                deep_passes=int(np.asarray(result.num_deep_passes).sum()),
+                deep_passes=int(np.asarray(result.num_deep_passes).sum()), spec=spec_fields(spec),
             )  # fmt: skip
-            record["bound_with_heads"] = bound_with_heads(
-                name, result, num_layers, shallow, static_k, h
-            )
-            record["pieces_bound"] = pieces_bound(name, result, parts, num_layers, shallow)
-            if name in FREE_LIKE:
+            record["bound_with_heads"] = bound_with_heads(spec, result, num_layers, shallow, h)
+            record["pieces_bound"] = pieces_bound(spec, result, parts, num_layers, shallow)
+            if isinstance(spec, FreeSpec):
                 widths = pass_widths(args.window)
                 record["pass_width_counts"] = dict(
                     zip(widths, np.asarray(result.pass_width_counts).tolist(), strict=True)
@@ -334,7 +352,7 @@ def parse_args(argv=None):
     parser.add_argument("--window", type=int, default=8)
     parser.add_argument("--decoders", nargs="+", default=list(DEFAULT_DECODERS), choices=DECODERS)
     parser.add_argument("--force_exit_rate", type=float, default=None)
-    parser.add_argument("--threshold", type=float, default=0.9)
+    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
     parser.add_argument("--embedding_std", type=float, default=0.3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)

@@ -16,9 +16,8 @@ import numpy as np
 
 from free_jax.decoding import confidence as conf_lib
 from free_jax.decoding import free_bound, pass_widths
+from free_jax.decoding.specs import CalmSpec, FreeSpec, Spec, StaticSpec
 from free_jax.models import T5, init_cache
-
-FREE_LIKE = ("free", "free_norecords", "free_lossless")
 
 
 def timed_runs(fn, repeats: int):
@@ -34,34 +33,43 @@ def timed_runs(fn, repeats: int):
     return first, statistics.median(times), result
 
 
-def layer_bound(name: str, result, config, shallow: int, exit_layer: int) -> float:
-    """The decoder-compute bound of `name`'s run: decoder layers only (see the benchmark doc)."""
-    num_layers = config.num_decoder_layers
-    if name in FREE_LIKE:
-        return free_bound(num_layers, shallow, result.exit_rate(num_layers))
-    if name == "static":
-        return num_layers / exit_layer
-    if name == "calm":
+def _free_shallow(spec: FreeSpec, shallow: int) -> int:
+    """FREE's S: the spec's, else the config's (`shallow`)."""
+    return shallow if spec.shallow is None else spec.shallow
+
+
+def layer_bound(spec: Spec, result, num_layers: int, shallow: int) -> float:
+    """The decoder-compute bound of a run of `spec`: decoder layers only (see the benchmark doc).
+
+    `shallow` is the config's S (FREE's when its spec leaves `shallow` unset).
+    """
+    if isinstance(spec, FreeSpec):
+        return free_bound(num_layers, _free_shallow(spec, shallow), result.exit_rate(num_layers))
+    if isinstance(spec, StaticSpec):
+        return num_layers / spec.exit_layer
+    if isinstance(spec, CalmSpec):
         exit_layer_BN = np.asarray(result.exit_layer)
         return num_layers / float(exit_layer_BN[exit_layer_BN > 0].mean())
     return 1.0
 
 
-def bound_with_heads(name, result, num_layers, shallow, static_k, h):
+def bound_with_heads(spec: Spec, result, num_layers: int, shallow: int, h: float) -> float:
     """`layer_bound` with every exit head counted as `h` layers (the full model pays one per token).
 
     FREE: one head per token at S and one per deep pass; static: one at k; CALM: one at every
-    layer it tests, from its minimum exit layer (S here) up to where the token leaves.
+    layer it tests, from its minimum exit layer up to where the token leaves.
     """
     p = result.exit_rate(num_layers)
-    if name in FREE_LIKE:
-        return (num_layers + h) / (shallow + h + (1 - p) * (num_layers - shallow + h))
-    if name == "static":
-        return (num_layers + h) / (static_k + h)
-    if name == "calm":
+    if isinstance(spec, FreeSpec):
+        s = _free_shallow(spec, shallow)
+        return (num_layers + h) / (s + h + (1 - p) * (num_layers - s + h))
+    if isinstance(spec, StaticSpec):
+        return (num_layers + h) / (spec.exit_layer + h)
+    if isinstance(spec, CalmSpec):
         exit_layer = np.asarray(result.exit_layer)
         exit_layer = exit_layer[exit_layer > 0].astype(np.float64)
-        return (num_layers + h) / float(np.mean(exit_layer + h * (exit_layer - shallow + 1)))
+        tested = exit_layer - spec.min_exit + 1
+        return (num_layers + h) / float(np.mean(exit_layer + h * tested))
     return 1.0
 
 
@@ -131,7 +139,7 @@ def component_times(config, params, enc: np.ndarray, window: int, repeats: int =
     }
 
 
-def pieces_bound(name: str, result, parts: dict, num_layers: int, shallow: int) -> float | None:
+def pieces_bound(spec: Spec, result, parts: dict, num_layers: int, shallow: int) -> float | None:
     """FREE's speedup over full greedy if its loop cost nothing beyond its measured pieces.
 
     Full greedy pays L layers and a head per step; FREE one shallow step (S layers and a head)
@@ -140,18 +148,15 @@ def pieces_bound(name: str, result, parts: dict, num_layers: int, shallow: int) 
     the layer-count bounds this charges a pass what it costs at its width on this machine, so
     `speedup / pieces_bound` isolates the loop's own overhead. None for other decoders.
     """
-    if name not in FREE_LIKE:
+    if not isinstance(spec, FreeSpec):
         return None
+    shallow = _free_shallow(spec, shallow)
     steps_per_example = np.asarray(result.lengths).max()  # greedy's loop runs this many steps
     greedy_ms = steps_per_example * (num_layers * parts["layer"] + parts["head"])
     counts = np.asarray(result.pass_width_counts)
     widths = list(parts["deep"])
     passes_ms = sum(
-        n
-        * (
-            parts["deep"][c]
-            + (parts["head"] if name == "free_norecords" else parts["head_rows"][c])
-        )
+        n * (parts["deep"][c] + (parts["head_rows"][c] if spec.records else parts["head"]))
         for n, c in zip(counts, widths, strict=True)
     )
     free_ms = int(result.num_steps) * (shallow * parts["layer"] + parts["head"]) + passes_ms

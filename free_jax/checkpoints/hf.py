@@ -1,4 +1,7 @@
-"""Hugging Face T5 checkpoints: `config.json` + (sharded) `model.safetensors`, or a hub name.
+"""Hugging Face checkpoints: `config.json` + (sharded) `model.safetensors`, or a hub name.
+
+T5 is mapped here; decoder-only families (Llama, GPT-NeoX, GPT-2) in `hf_lm.py`, chosen by
+config.json's `model_type`.
 
 Tensor names map to free_jax's t5x-style names; torch Linear weights [out, in] become kernels [in, out].
 
@@ -197,12 +200,39 @@ def load_hf_config(directory: Path) -> T5Config:
     return T5Config.from_hf_dict(raw, source=str(config_path))
 
 
-def load_hf(path_or_name: str, **config_overrides) -> tuple[T5Config, dict]:
-    """Loads a Hugging Face T5 directory (or hub name) -> (T5Config, params).
+# config.json `model_type`s read by the decoder-only loader (`hf_lm.py`)
+DECODER_ONLY_TYPES = ("llama", "gpt_neox", "gpt2")
 
+
+def model_type(directory: Path) -> str:
+    """config.json's `model_type` ("t5" when absent, as in old T5 exports)."""
+    config_path = directory / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{directory}: missing config.json")
+    try:
+        raw = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_path}: invalid JSON: {e}") from e
+    kind = raw.get("model_type", "t5")
+    if kind not in ("t5", "mt5", *DECODER_ONLY_TYPES):
+        raise ValueError(
+            f"{config_path}: model_type {kind!r} is not supported; free_jax loads t5, "
+            f"{', '.join(DECODER_ONLY_TYPES)}"
+        )
+    return kind
+
+
+def load_hf(path_or_name: str, **config_overrides):
+    """Loads a Hugging Face directory (or hub name) of any supported family -> (config, params).
+
+    T5 gives a `T5Config`; Llama / GPT-NeoX / GPT-2 give an `LMConfig` (`hf_lm.load_hf_lm`).
     `config_overrides` replace config fields, e.g. `shallow_exit_layer=2, dtype="bfloat16"`.
     """
     directory = resolve_hf_path(path_or_name)
+    if model_type(directory) in DECODER_ONLY_TYPES:
+        from free_jax.checkpoints.hf_lm import load_hf_lm
+
+        return load_hf_lm(str(directory), **config_overrides)
     config = load_hf_config(directory)
     if config_overrides:
         config = config.replace(**config_overrides)
@@ -211,9 +241,14 @@ def load_hf(path_or_name: str, **config_overrides) -> tuple[T5Config, dict]:
     return config, to_params(flat, config)
 
 
-def save_hf(directory: str | os.PathLike, config: T5Config, params) -> Path:
-    """Writes `config.json` + `model.safetensors` that transformers' T5 loads."""
+def save_hf(directory: str | os.PathLike, config, params) -> Path:
+    """Writes `config.json` + `model.safetensors` that transformers loads (T5 or decoder-only)."""
     from safetensors.numpy import save_file
+
+    if not isinstance(config, T5Config):
+        from free_jax.checkpoints.hf_lm import save_hf_lm
+
+        return save_hf_lm(directory, config, params)
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -107,6 +107,20 @@ def pareto_plot(records: list[dict], path: str | Path, title: str = "") -> str:
     return str(path)
 
 
+def spec_lines(records: list[dict]) -> list[str]:
+    """One markdown bullet per decoder naming the spec it ran, e.g.
+    "- free (thr=0.8): `FreeSpec(shallow=None, window=8, ...)`" (sweeps share their row's spec)."""
+    out, seen = [], set()
+    for r in records:
+        spec = r.get("spec")
+        if spec is None or r["kind"] != "main" or r["decoder"] in seen:
+            continue
+        seen.add(r["decoder"])
+        fields = ", ".join(f"{k}={v!r}" for k, v in spec.items() if k != "type")
+        out.append(f"- {r['decoder']}: `{spec['type']}({fields})`")
+    return out
+
+
 def write_report(records: list[dict], out_dir: str | Path, header: str = "") -> dict[str, str]:
     """Writes results.json, results.md and pareto.png under `out_dir`; returns their paths."""
     out_dir = Path(out_dir)
@@ -119,6 +133,9 @@ def write_report(records: list[dict], out_dir: str | Path, header: str = "") -> 
     sweep = markdown_table(records, "sweep")
     if sweep:
         md += ["", "Threshold sweep:", "", sweep]
+    specs = spec_lines(records)
+    if specs:
+        md += ["", "Decoder specs (`free_jax.decoding.specs`):", "", *specs]
     Path(paths["md"]).write_text("\n".join(md).strip() + "\n")
     if records:
         paths["pareto"] = pareto_plot(records, out_dir / "pareto.png")

@@ -19,36 +19,49 @@ from tqdm.auto import tqdm
 from free_jax.calibration import OnlineThreshold
 from free_jax.data import eval_batches, load_source
 from free_jax.decoding import make_decoder
+from free_jax.decoding.specs import DEFAULT_THRESHOLD, NEEDS_THRESHOLD, FreeSpec, Spec, method_name
 from free_jax.evaluation import metrics
 from free_jax.models import T5Config
 
 
 @dataclasses.dataclass(frozen=True)
 class DecoderChoice:
-    """One row of the results table.
+    """One row of the results table: a decoding spec and the threshold it runs at.
 
     Attributes:
       name: the row label, e.g. "free (adaptive)".
-      method: a `free_jax.decoding` method ("greedy", "static", "calm", "free", "free_lossless").
-      threshold: the exit threshold (None for greedy and static; ignored when adaptive).
-      exit_layer: static exit k, CALM's minimum exit layer, FREE's S (None: the decoder's default).
-      adaptive: FREE with the online Beta-mixture threshold, refitted between batches.
+      spec: the method's spec (`free_jax.decoding.specs`): every option of the decoder.
+      threshold: the exit threshold (CALM and FREE; None for the others and when adaptive).
+      adaptive: FREE with the online Beta-mixture threshold, refitted between batches (needs a
+        `FreeSpec` that keeps its agreement records).
     """
 
     name: str
-    method: str
+    spec: Spec
     threshold: float | None = None
-    exit_layer: int | None = None
     adaptive: bool = False
+
+    def __post_init__(self):
+        if self.adaptive and not (isinstance(self.spec, FreeSpec) and self.spec.records):
+            raise ValueError(
+                f"{self.name}: the adaptive threshold refits on FREE's agreement records; it needs "
+                f"a FreeSpec with records=True, got {self.spec!r}"
+            )
+        if isinstance(self.spec, NEEDS_THRESHOLD) and self.threshold is None and not self.adaptive:
+            raise ValueError(f"{self.name}: {type(self.spec).__name__} needs a threshold")
+
+    @property
+    def method(self) -> str:
+        """The spec's method name ("greedy", "static", "calm", "free", "free_lossless", ...)."""
+        return method_name(self.spec)
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalSettings:
-    """How decoders are run and timed.
+    """How decoders are run and timed (what each decoder does is its spec's business).
 
     Attributes:
       max_decode_len: N, output tokens per example.
-      window: FREE's stack window W.
       adaptive_estimator: "svi", "nuts" or "moments" for the online threshold.
       adaptive_initial_threshold: used until the first successful fit.
       adaptive_max_examples: refits stop (the threshold freezes) after this many examples
@@ -57,9 +70,8 @@ class EvalSettings:
     """
 
     max_decode_len: int = 64
-    window: int = 8
     adaptive_estimator: str = "svi"
-    adaptive_initial_threshold: float = 0.9
+    adaptive_initial_threshold: float = DEFAULT_THRESHOLD
     adaptive_max_examples: int = 300
     zeta: float = 0.4
 
@@ -174,16 +186,23 @@ def run_decoder(
     batches: Sequence[EvalBatch],
     settings: EvalSettings,
     *,
+    confidence_params=None,
     progress: bool = True,
 ) -> DecoderRun:
-    """Decodes every batch with one decoder; times it after a warm-up call on the first batch."""
-    decoder = make_decoder(
-        config,
-        method=choice.method,
-        max_decode_len=settings.max_decode_len,
-        exit_layer=choice.exit_layer,
-        window=settings.window,
-    )
+    """Decodes every batch with one decoder; times it after a warm-up call on the first batch.
+
+    `confidence_params` (a `ConfidenceHead`'s) reach the decoder when its spec's measure is
+    "learned".
+    """
+    decoder = make_decoder(config, choice.spec, max_decode_len=settings.max_decode_len)
+    extra = {}
+    if getattr(choice.spec, "measure", None) == "learned":
+        if confidence_params is None:
+            raise ValueError(
+                f"{choice.name}: measure 'learned' needs a ConfidenceHead's parameters "
+                "(evaluate.confidence_head / calibrate.confidence_head in gin)"
+            )
+        extra["confidence_params"] = confidence_params
     online = None
     if choice.adaptive:
         online = OnlineThreshold(
@@ -197,7 +216,7 @@ def run_decoder(
         return online.threshold if online is not None else choice.threshold
 
     start = time.perf_counter()
-    jax.block_until_ready(decoder(params, batches[0].encoder_tokens_BS, threshold_now()))
+    jax.block_until_ready(decoder(params, batches[0].encoder_tokens_BS, threshold_now(), **extra))
     compile_s = time.perf_counter() - start
 
     run = DecoderRun(
@@ -213,7 +232,7 @@ def run_decoder(
         threshold = threshold_now()
         enc = jnp.asarray(batch.encoder_tokens_BS)
         t0 = time.perf_counter()
-        result = jax.block_until_ready(decoder(params, enc, threshold))
+        result = jax.block_until_ready(decoder(params, enc, threshold, **extra))
         run.wall_s += time.perf_counter() - t0
         n = batch.num_real
         lengths = np.asarray(result.lengths)[:n]

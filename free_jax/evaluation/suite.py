@@ -1,8 +1,12 @@
 """The evaluation suite: every decoder, a threshold sweep, at each batch size, on the same inputs.
 
 Produces one record per (decoder, batch size) with quality and speed side by side:
-`decoder, metric, score, score_ratio_vs_full, speedup_vs_full, tokens_per_s, exit_rate,
-layers_per_token, ...` plus the device and batch size.
+`decoder, method, spec, metric, score, score_ratio_vs_full, speedup_vs_full, tokens_per_s,
+exit_rate, layers_per_token, ...` plus the device and batch size.
+
+What each decoder does is its spec's (`free_jax.decoding.specs`): `SuiteSpec.free` is the FREE
+every FREE row runs (fixed, adaptive, calibrated threshold; the lossless row is the same spec with
+`lossless=True`), `SuiteSpec.calm` CALM's, `SuiteSpec.static` the static baseline's.
 """
 
 from __future__ import annotations
@@ -14,6 +18,15 @@ import jax
 import numpy as np
 
 from free_jax.decoding import free_bound
+from free_jax.decoding.specs import (
+    DEFAULT_THRESHOLD,
+    CalmSpec,
+    FreeSpec,
+    GreedySpec,
+    Spec,
+    StaticSpec,
+    exit_layer_of,
+)
 from free_jax.evaluation.runner import (
     DecoderChoice,
     DecoderRun,
@@ -31,54 +44,77 @@ class SuiteSpec:
     """Which decoders and thresholds to run.
 
     Attributes:
+      free: the FREE spec of every FREE row (window, shallow S, measure, rollback, records,
+        position decay); the lossless row runs it with `lossless=True` and no rollback.
+      calm: CALM's spec (minimum exit, measure, position decay).
+      static: the static baseline's spec (None: `StaticSpec(k)` with k = FREE's S).
       free_threshold, calm_threshold: the fixed thresholds of the main table.
-      static_exit_layer: k of the static baseline (None: FREE's S).
-      calm_min_exit_layer: CALM's first exit.
       calibrated_threshold: FREE's threshold from threshold.json, if one was given.
       sweep_thresholds: extra FREE and CALM thresholds for the quality/speed curves (primary batch
         size only).
       batch_sizes: timed batch sizes; the first is the primary one.
+      include_adaptive: a FREE row with the online threshold (needs `free.records`).
+      include_lossless: a FREE lossless row.
     """
 
-    free_threshold: float = 0.9
-    calm_threshold: float = 0.9
-    static_exit_layer: int | None = None
-    calm_min_exit_layer: int = 1
+    free: FreeSpec = FreeSpec()
+    calm: CalmSpec = CalmSpec()
+    static: StaticSpec | None = None
+    free_threshold: float = DEFAULT_THRESHOLD
+    calm_threshold: float = DEFAULT_THRESHOLD
     calibrated_threshold: float | None = None
     sweep_thresholds: tuple[float, ...] = ()
     batch_sizes: tuple[int, ...] = (8,)
     include_adaptive: bool = True
     include_lossless: bool = True
 
+    def __post_init__(self):
+        for field, cls in (("free", FreeSpec), ("calm", CalmSpec)):
+            if not isinstance(getattr(self, field), cls):
+                raise TypeError(
+                    f"SuiteSpec.{field} must be a {cls.__name__}, got {getattr(self, field)!r}"
+                )
+        if self.static is not None and not isinstance(self.static, StaticSpec):
+            raise TypeError(f"SuiteSpec.static must be a StaticSpec or None, got {self.static!r}")
+        if self.include_adaptive and not self.free.records:
+            raise ValueError(
+                "the adaptive row refits on FREE's agreement records: FreeSpec.records=False needs "
+                "SuiteSpec.include_adaptive=False"
+            )
 
-def main_choices(config: T5Config, spec: SuiteSpec) -> list[DecoderChoice]:
-    s = config.shallow_layer
+
+def main_choices(config: T5Config, suite: SuiteSpec) -> list[DecoderChoice]:
+    free = suite.free
+    static = suite.static or StaticSpec(exit_layer=exit_layer_of(free, config))
     choices = [
-        DecoderChoice("full", "greedy"),
-        DecoderChoice(f"static (k={spec.static_exit_layer or s})", "static",
-                      exit_layer=spec.static_exit_layer or s),
-        DecoderChoice(f"calm (thr={spec.calm_threshold:g})", "calm", spec.calm_threshold,
-                      exit_layer=spec.calm_min_exit_layer),
-        DecoderChoice(f"free (thr={spec.free_threshold:g})", "free", spec.free_threshold),
-    ]  # fmt: skip
-    if spec.include_adaptive:
-        choices.append(DecoderChoice("free (adaptive)", "free", adaptive=True))
-    if spec.calibrated_threshold is not None:
-        thr = spec.calibrated_threshold
-        choices.append(DecoderChoice(f"free (calibrated {thr:.3f})", "free", thr))
-    if spec.include_lossless:
-        choices.append(DecoderChoice(f"free lossless (thr={spec.free_threshold:g})",
-                                     "free_lossless", spec.free_threshold))  # fmt: skip
+        DecoderChoice("full", GreedySpec()),
+        DecoderChoice(f"static (k={static.exit_layer})", static),
+        DecoderChoice(f"calm (thr={suite.calm_threshold:g})", suite.calm, suite.calm_threshold),
+        DecoderChoice(f"free (thr={suite.free_threshold:g})", free, suite.free_threshold),
+    ]
+    if suite.include_adaptive:
+        choices.append(DecoderChoice("free (adaptive)", free, adaptive=True))
+    if suite.calibrated_threshold is not None:
+        thr = suite.calibrated_threshold
+        choices.append(DecoderChoice(f"free (calibrated {thr:.3f})", free, thr))
+    if suite.include_lossless:
+        lossless = dataclasses.replace(free, lossless=True, rollback=None)
+        choices.append(DecoderChoice(f"free lossless (thr={suite.free_threshold:g})", lossless,
+                                     suite.free_threshold))  # fmt: skip
     return choices
 
 
-def sweep_choices(spec: SuiteSpec) -> list[DecoderChoice]:
+def sweep_choices(suite: SuiteSpec) -> list[DecoderChoice]:
     out = []
-    for thr in spec.sweep_thresholds:
-        out.append(DecoderChoice(f"sweep free {thr:g}", "free", thr))
-        out.append(DecoderChoice(f"sweep calm {thr:g}", "calm", thr,
-                                 exit_layer=spec.calm_min_exit_layer))  # fmt: skip
+    for thr in suite.sweep_thresholds:
+        out.append(DecoderChoice(f"sweep free {thr:g}", suite.free, thr))
+        out.append(DecoderChoice(f"sweep calm {thr:g}", suite.calm, thr))
     return out
+
+
+def spec_fields(spec: Spec) -> dict:
+    """A spec as a JSON-ready dict: {"type": "FreeSpec", "window": 8, ...}."""
+    return {"type": type(spec).__name__, **dataclasses.asdict(spec)}
 
 
 def device_name() -> str:
@@ -87,7 +123,7 @@ def device_name() -> str:
 
 
 def _record(run: DecoderRun, scores, predictions, full, config: T5Config, metric: str, kind: str):
-    num_layers, shallow = config.num_decoder_layers, config.shallow_layer
+    num_layers, spec = config.num_decoder_layers, run.choice.spec
     p = run.exit_rate(num_layers)
     same = None
     if full is not None:
@@ -95,6 +131,7 @@ def _record(run: DecoderRun, scores, predictions, full, config: T5Config, metric
     rec = {
         "decoder": run.choice.name,
         "method": run.choice.method,
+        "spec": spec_fields(run.choice.spec),
         "kind": kind,
         "threshold": run.choice.threshold,
         "metric": metric,
@@ -109,8 +146,8 @@ def _record(run: DecoderRun, scores, predictions, full, config: T5Config, metric
         "exit_rate": p,
         "layers_per_token": run.layers_per_token,
         "deep_passes_per_token": run.deep_passes_per_token,
-        "bound": free_bound(num_layers, shallow, p)
-        if run.choice.method.startswith("free")
+        "bound": free_bound(num_layers, exit_layer_of(spec, config), p)
+        if isinstance(spec, FreeSpec)
         else None,
         "same_outputs_as_full": same if full else 1.0,
         "loop_rate": scores["loop_rate"],
@@ -141,20 +178,27 @@ def run_suite(
     detokenize: Callable[[np.ndarray], str],
     metric: str,
     settings: EvalSettings,
-    spec: SuiteSpec,
+    suite: SuiteSpec,
     *,
+    confidence_params=None,
     progress: bool = True,
 ) -> tuple[list[dict], dict]:
-    """Runs the suite; returns (records, extras) where extras holds agreement records and outputs."""
+    """Runs the suite; returns (records, extras) where extras holds agreement records and outputs.
+
+    `confidence_params`: a `ConfidenceHead`'s parameters, for specs whose measure is "learned".
+    """
     records, extras = [], {"predictions": {}, "records": None}
-    for i, batch_size in enumerate(spec.batch_sizes):
+    for i, batch_size in enumerate(suite.batch_sizes):
         inputs = rebatch(batches, batch_size)
-        choices = main_choices(config, spec) + (sweep_choices(spec) if i == 0 else [])
+        choices = main_choices(config, suite) + (sweep_choices(suite) if i == 0 else [])
         full = None
         for choice in choices:
-            run = run_decoder(choice, config, params, inputs, settings, progress=progress)
+            run = run_decoder(
+                choice, config, params, inputs, settings, confidence_params=confidence_params,
+                progress=progress,
+            )  # fmt: skip
             scores, predictions = score_run(run, inputs, detokenize, metric)
-            if choice.method == "greedy":
+            if isinstance(choice.spec, GreedySpec):
                 full = (run, scores)
             kind = "sweep" if choice.name.startswith("sweep") else "main"
             records.append(_record(run, scores, predictions, full, config, metric, kind))

@@ -27,6 +27,7 @@ Adding a family is one file in `models/` that defines its config and module and 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import jax
@@ -86,20 +87,45 @@ class DecodingModel(Protocol):
 # ============================================================ registry
 
 _FAMILIES: dict[type, type] = {}
+_INITS: dict[type, Callable] = {}
 
 
-def register_family(config_cls: type, module_cls: type) -> None:
-    """Makes `model_for(config)` build `module_cls(config)` for configs of `config_cls`."""
+def register_family(config_cls: type, module_cls: type, init: Callable | None = None) -> None:
+    """Makes `model_for(config)` build `module_cls(config)` for configs of `config_cls`.
+
+    `init(config, rng) -> params` builds random parameters; without it the module is initialised
+    on a [1, 4] batch of token ids (`module.init(rng, tokens)`), which fits decoder-only models.
+    """
     _FAMILIES[config_cls] = module_cls
+    if init is not None:
+        _INITS[config_cls] = init
+
+
+def _family(config) -> type:
+    for config_cls in _FAMILIES:
+        if isinstance(config, config_cls):
+            return config_cls
+    known = sorted(c.__name__ for c in _FAMILIES)
+    raise TypeError(f"no model family registered for {type(config).__name__}; known: {known}")
 
 
 def model_for(config) -> Any:
     """The (unbound) module of `config`'s family."""
-    for config_cls, module_cls in _FAMILIES.items():
-        if isinstance(config, config_cls):
-            return module_cls(config)
-    known = sorted(c.__name__ for c in _FAMILIES)
-    raise TypeError(f"no model family registered for {type(config).__name__}; known: {known}")
+    return _FAMILIES[_family(config)](config)
+
+
+def init_params(config, rng: jax.Array):
+    """Random parameters of any registered family (a pytree under 'params')."""
+    family = _family(config)
+    if family in _INITS:
+        return _INITS[family](config, rng)
+    tokens = jax.numpy.ones((1, 4), jax.numpy.int32)
+    return _FAMILIES[family](config).init(rng, tokens)["params"]
+
+
+def param_shapes(config):
+    """Parameter shapes of any registered family, without allocating memory (`jax.eval_shape`)."""
+    return jax.eval_shape(lambda r: init_params(config, r), jax.random.key(0))
 
 
 def bind(config, params) -> Any:

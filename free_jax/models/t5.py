@@ -381,13 +381,13 @@ class T5(nn.Module):
         )
 
 
-register_family(T5Config, T5)
-
-
 def init_params(config: T5Config, rng: jax.Array, batch: int = 1, length: int = 4):
     """Random parameters for `config` (a pytree under 'params')."""
     tokens = jnp.ones((batch, length), jnp.int32)
     return T5(config).init(rng, tokens, tokens)["params"]
+
+
+register_family(T5Config, T5, init=init_params)
 
 
 def param_shapes(config: T5Config):

@@ -12,6 +12,7 @@ import pytest
 from free_jax.benchmarks import decode as bench
 from free_jax.benchmarks.decode_bounds import pieces_bound
 from free_jax.decoding import cpu_flags
+from free_jax.decoding.specs import CalmSpec, FreeSpec, GreedySpec, StaticSpec
 
 
 def test_records_carry_bounds_and_pass_widths(tmp_path, capsys):
@@ -37,7 +38,10 @@ def test_records_carry_bounds_and_pass_widths(tmp_path, capsys):
             "bound",
         ):
             assert key in r
+        assert r["spec"]["type"] == type(bench.decoder_specs()[r["decoder"]]).__name__
         if r["decoder"].startswith("free"):
+            assert r["spec"]["window"] == 4
+            assert r["spec"]["records"] is (r["decoder"] != "free_norecords")
             counts = r["pass_width_counts"]
             assert list(counts) == ["1", "2", "4"]  # pass_widths(4), as JSON keys
             assert sum(counts.values()) > 0 and r["pieces_bound"] > 0
@@ -61,9 +65,22 @@ def test_pieces_bound_hand_count():
         "head_rows": {1: 2.0, 2: 3.0, 4: 4.0},
     }
     # greedy: 8 * (4 layers + head) = 48; FREE: 8 * (1 + 2) + 2 * (5 + 4) = 42, lean: 8 * 3 + 2 * 7
-    assert pieces_bound("free", Result, parts, 4, 1) == 48 / 42
-    assert pieces_bound("free_norecords", Result, parts, 4, 1) == 48 / 38
-    assert pieces_bound("greedy", Result, parts, 4, 1) is None
+    assert pieces_bound(FreeSpec(), Result, parts, 4, 1) == 48 / 42
+    assert pieces_bound(FreeSpec(records=False), Result, parts, 4, 1) == 48 / 38
+    assert pieces_bound(GreedySpec(), Result, parts, 4, 1) is None
+
+
+def test_named_decoders_are_specs():
+    specs = bench.decoder_specs(window=4, static_k=2)
+    assert tuple(specs) == bench.DECODERS == (
+        "greedy", "static", "calm", "free", "free_norecords", "free_lossless", "sample", "beam",
+    )  # fmt: skip
+    assert specs["static"] == StaticSpec(exit_layer=2)
+    assert specs["calm"] == CalmSpec() and specs["calm"].min_exit == 1  # as in the suite
+    assert specs["free"] == FreeSpec(window=4)
+    assert specs["free_norecords"] == FreeSpec(window=4, records=False)
+    assert specs["free_lossless"] == FreeSpec(window=4, lossless=True)
+    assert set(bench.EARLY_EXIT) == {"calm", "free", "free_norecords", "free_lossless"}
 
 
 def test_cpu_decode_flags_are_accepted_by_this_jaxlib():
