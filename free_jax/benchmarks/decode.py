@@ -4,11 +4,14 @@
         [--batch_sizes 1 8] [--force_exit_rate 0.7] [--repeats 3] [--json PATH]
         [--cpu_decode_flags]
     python -m free_jax.benchmarks.decode --preset t5-large --shallow 6 --dtype bfloat16   # a GPU
+    python -m free_jax.benchmarks.decode --preset pythia-70m      # decoder-only (also gpt2,
+        smollm-135m, llama-3.2-1b, ...: any `models.lm_config.LM_PRESETS` name)
 
 Model: random weights of the preset's shape (no checkpoint is read), with EOS's output row zeroed
 so that no decoder stops early (a random model would end its sequences at arbitrary points, and
 tokens per second would then compare different amounts of work); every decoder produces
-`max_decode_len` tokens per example. Inputs: random source tokens, `--source_len` long.
+`max_decode_len` tokens per example. Inputs: random source tokens, `--source_len` long (for a
+decoder-only preset: unpadded prompts of that length, prefilled before decoding).
 
 Forcing exits. Random weights are not confident in any useful way, so `--force_exit_rate p` picks
 each early-exit decoder's threshold, for each batch size, by bisection on its measured exit rate
@@ -73,7 +76,8 @@ from free_jax.decoding.specs import (
     StaticSpec,
 )
 from free_jax.evaluation.suite import spec_fields
-from free_jax.models import param_shapes, preset
+from free_jax.models import T5Config, param_shapes, preset
+from free_jax.models.lm_config import LM_PRESETS, lm_preset
 
 
 def decoder_specs(*, window: int = 8, static_k: int = 1) -> dict[str, Spec]:
@@ -102,7 +106,8 @@ EARLY_EXIT = tuple(n for n, spec in decoder_specs().items() if isinstance(spec, 
 def random_params(config, seed: int = 0, embedding_std: float = 0.3):
     """Random weights of the config's shapes (numpy draws: no compile), EOS never predicted.
 
-    Norm scales are 1, kernels N(0, 1/fan_in), position biases N(0, 1), token embeddings
+    Norm scales are 1, biases 0, kernels N(0, 1/fan_in), position biases N(0, 1), token (and
+    learned position) embeddings
     N(0, embedding_std^2). With T5's usual std 1 a random tied model only copies its input token
     (every exit predicts it with the same confidence, so no threshold sets an exit rate); at 0.3
     confidences vary from token to token. EOS's row of the output projection is zeroed: its logit
@@ -114,7 +119,9 @@ def random_params(config, seed: int = 0, embedding_std: float = 0.3):
         name = jax.tree_util.keystr(path)
         if "scale" in name:
             return np.ones(shape.shape, np.float32)
-        if "token_embedder" in name:
+        if "bias" in name:  # decoder-only norms and projections (T5 has none)
+            return np.zeros(shape.shape, np.float32)
+        if "token_embedder" in name or "position_embedder" in name:
             std = embedding_std
         else:
             std = shape.shape[0] ** -0.5 if "kernel" in name else 1.0
@@ -130,7 +137,15 @@ def random_params(config, seed: int = 0, embedding_std: float = 0.3):
     )  # fmt: skip
 
 
+def model_config(name: str, **overrides):
+    """A T5 preset (`models.preset`) or a decoder-only one (`models.lm_config.lm_preset`)."""
+    if name in LM_PRESETS:
+        return lm_preset(name, **overrides)
+    return preset(name, **overrides)
+
+
 def random_inputs(config, batch: int, source_len: int, seed: int = 0) -> np.ndarray:
+    """Random source tokens (T5) or full-width prompts (decoder-only), ids in [2, V)."""
     rng = np.random.default_rng(1000 + seed)
     return rng.integers(2, config.vocab_size, size=(batch, source_len)).astype(np.int32)
 
@@ -177,21 +192,26 @@ def hf_greedy_runner(config, params, enc: np.ndarray, max_decode_len: int):
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
+    seq2seq = isinstance(config, T5Config)
+    auto = transformers.T5ForConditionalGeneration if seq2seq else transformers.AutoModelForCausalLM
     with tempfile.TemporaryDirectory() as directory:
         save_hf(directory, config.replace(dtype="float32"), params)
-        model = transformers.T5ForConditionalGeneration.from_pretrained(directory, dtype=dtype)
+        model = auto.from_pretrained(directory, dtype=dtype)
     model = model.to(device).eval()
     ids = torch.tensor(enc, device=device)
+    # T5: drop the decoder start token; decoder-only: drop the (full-width, unpadded) prompts
+    first_new = 1 if seq2seq else enc.shape[1]
+    mask = ids != 0 if seq2seq else torch.ones_like(ids)
 
     def run():
         with torch.no_grad():
             out = model.generate(
-                input_ids=ids, attention_mask=ids != 0, max_new_tokens=max_decode_len,
-                do_sample=False, num_beams=1, use_cache=True,
+                input_ids=ids, attention_mask=mask, max_new_tokens=max_decode_len,
+                do_sample=False, num_beams=1, use_cache=True, pad_token_id=config.eos_token_id,
             )  # fmt: skip
         if device == "cuda":
             torch.cuda.synchronize()
-        return out[:, 1:].cpu().numpy()
+        return out[:, first_new:].cpu().numpy()
 
     timings = {}
     for threads in sorted({torch.get_num_threads(), 1}, reverse=True):
@@ -211,7 +231,7 @@ def run(args) -> tuple[list[dict], dict]:
     overrides = dict(dropout_rate=0.0, dtype=args.dtype)
     if args.shallow is not None:
         overrides["shallow_exit_layer"] = args.shallow
-    config = preset(args.preset, **overrides)
+    config = model_config(args.preset, **overrides)
     num_layers, shallow = config.num_decoder_layers, config.shallow_layer
     static_k = args.static_layer or shallow
     params = random_params(config, args.seed, args.embedding_std)

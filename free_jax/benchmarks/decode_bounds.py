@@ -17,7 +17,7 @@ import numpy as np
 from free_jax.decoding import confidence as conf_lib
 from free_jax.decoding import free_bound, pass_widths
 from free_jax.decoding.specs import CalmSpec, FreeSpec, Spec, StaticSpec
-from free_jax.models import T5, init_cache
+from free_jax.models import bind
 
 
 def timed_runs(fn, repeats: int):
@@ -82,7 +82,6 @@ def component_times(config, params, enc: np.ndarray, window: int, repeats: int =
     positions (what a FREE pass with records pays). They explain the table: the LM head is paid
     at every exit FREE or CALM tests, and a pass over C positions costs deep[C].
     """
-    model = T5(config)
     b, shallow, num_layers = enc.shape[0], config.shallow_layer, config.num_decoder_layers
     enc = jnp.asarray(enc)
 
@@ -92,10 +91,10 @@ def component_times(config, params, enc: np.ndarray, window: int, repeats: int =
     def looped(piece):
         """A jitted function running `inner` dependent calls of `piece`, and ms per call."""
 
-        def run(p, x, cache, cross):
+        def run(p, x, cache, ctx):
             def body(_, carry):
                 x, cache = carry
-                y, cache = piece(p, x, cache, cross)
+                y, cache = piece(p, x, cache, ctx)
                 # the next call's input depends on this one's output, so none is skipped
                 return x + 1e-6 * jnp.mean(y).astype(x.dtype), cache
 
@@ -104,30 +103,23 @@ def component_times(config, params, enc: np.ndarray, window: int, repeats: int =
         return jax.jit(run)
 
     def layers(start, end):
-        def piece(p, hidden, cache, cross):
-            return model.apply(
-                {"params": p}, hidden, start=start, end=end, cache=cache, cross=cross,
-                encoder_mask_BS=enc != 0, offset_B=jnp.full((b,), 60, jnp.int32),
-                method=T5.decode_layers,
-            )  # fmt: skip
+        def piece(p, hidden, cache, ctx):
+            return bind(config, p).layers(
+                hidden, start=start, end=end, cache=cache, context=ctx, offset_B=ctx.base_B + 60
+            )
 
         return looped(piece)
 
-    def head_piece(p, rows_RD, cache, cross):
-        logits = model.apply({"params": p}, rows_RD, method=T5.exit_logits)
+    def head_piece(p, rows_RD, cache, ctx):
+        logits = bind(config, p).exit_logits(rows_RD)
         return conf_lib.softmax_margin(logits), cache
 
     def ms(fn, x):
-        seconds = timed_runs(lambda: fn(params, x, cache, cross), repeats)[1]
+        seconds = timed_runs(lambda: fn(params, x, cache, ctx), repeats)[1]
         return 1000 * seconds / inner
 
-    cross = jax.jit(
-        lambda p: model.apply(
-            {"params": p}, model.apply({"params": p}, enc, method=T5.encode),
-            method=T5.precompute_cross,
-        )
-    )(params)  # fmt: skip
-    cache = init_cache(config, b, 128)
+    # the model's context (T5: encoder output; decoder-only: the prompt prefilled) and caches
+    ctx, cache = jax.jit(lambda p: bind(config, p).start(enc, None, extra_length=128))(params)
     hidden = lambda c: jnp.ones((b, c, config.d_model), config.compute_dtype)
     head = looped(head_piece)
     rows = lambda c: hidden(c).reshape(b * c, config.d_model)
