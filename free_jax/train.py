@@ -14,6 +14,11 @@ Multi-process runs (TPU pods, Slurm, XManager, two CPU processes in the tests) j
 `jax.distributed.initialize`, configured by the environment the launchers set (see
 `free_jax.partitioning.maybe_initialize_distributed`); only process 0 logs and prints.
 
+The model is a T5 or a decoder-only LM: `model_config.preset` names either family's preset
+(gin_configs/models/), and `DataConfig.format` says how texts become rows ('seq2seq' for T5,
+'prompt_target' or 'text' for decoder-only models). `TASK` is a registered task name or a task over
+the user's JSONL files, `TASK = @jsonl_task()` (see gin_configs/tasks/jsonl.gin).
+
 gin lives only here and in gin_configs/: the library takes plain dataclasses, which are registered
 below as configurables. Bad bindings and unknown configurables fail while parsing, before any data
 is read or any array computed, with gin's message naming the file and line.
@@ -30,8 +35,10 @@ import gin
 from etils import epath
 
 from free_jax import partitioning
-from free_jax.models import T5Config
+from free_jax.data import jsonl_task
+from free_jax.models import PRESETS, T5Config
 from free_jax.models import preset as model_preset
+from free_jax.models.lm_config import FAMILIES, LM_PRESETS, LMConfig, lm_preset
 from free_jax.partitioning import PartitionConfig
 from free_jax.training import (
     CheckpointConfig,
@@ -51,20 +58,40 @@ for _cls in (
 ):  # fmt: skip
     gin.external_configurable(_cls, module="free_jax")
 gin.external_configurable(T5Config, module="free_jax")
+gin.external_configurable(LMConfig, module="free_jax")
+gin.external_configurable(jsonl_task, module="free_jax")
 
 
 @gin.configurable(module="free_jax")
-def model_config(preset: str | None = None, **overrides) -> T5Config:
-    """A T5Config: a named preset ("t5-small", "tiny", ...) with overrides, or fields alone."""
+def model_config(
+    preset: str | None = None, family: str | None = None, **overrides
+) -> T5Config | LMConfig:
+    """A model config: a named preset of either family with overrides, or fields alone.
+
+    Args:
+      preset: a T5 preset ("t5-small", "tiny", ...) or a decoder-only one ("pythia-70m",
+        "smollm-135m", "llama-3.2-1b", "gpt2", "tiny-llama", ...; hub names work too).
+      family: without a preset, which config the fields build: None or "t5" a T5Config,
+        "llama" / "gpt_neox" / "gpt2" an LMConfig.
+    """
     if preset:
-        return model_preset(preset, **overrides)
-    return T5Config(**overrides)
+        if preset.removeprefix("google/") in PRESETS:
+            return model_preset(preset, **overrides)
+        if preset.split("/")[-1].lower() in LM_PRESETS:
+            return lm_preset(preset, **overrides)
+        known = sorted(PRESETS) + sorted(LM_PRESETS)
+        raise ValueError(f"unknown model preset {preset!r}; known presets: {known}")
+    if family in (None, "t5"):
+        return T5Config(**overrides)
+    if family in FAMILIES:
+        return LMConfig(family=family, **overrides)
+    raise ValueError(f"model_config.family={family!r}; expected 't5' or one of {FAMILIES}")
 
 
 @gin.configurable(module="free_jax")
 def train(
     config: TrainConfig = gin.REQUIRED,
-    model: T5Config | None = None,
+    model: T5Config | LMConfig | None = None,
     data: DataConfig = gin.REQUIRED,
     step_callback: Callable | None = None,
 ) -> trainer.TrainResult:

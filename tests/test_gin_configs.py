@@ -14,8 +14,10 @@ import jax
 import pytest
 
 from free_jax import train as entry
+from free_jax.data import Task
 from free_jax.models import T5Config, param_shapes
-from free_jax.training import DataConfig, TrainConfig
+from free_jax.models.lm_config import LMConfig
+from free_jax.training import DataConfig, LoraConfig, TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
 GIN_DIR = REPO / "gin_configs"
@@ -81,6 +83,7 @@ RUN_ENTRY = {
     "runs/evaluate.gin": "evaluate", "runs/demo_eval.gin": "evaluate",
     "runs/train_scratch.gin": "train", "runs/finetune.gin": "train", "runs/demo_cpu.gin": "train",
     "runs/smoke_cpu.gin": "train", "runs/sharded_smoke_cpu.gin": "train",
+    "runs/lm_scratch_cpu.gin": "train", "runs/finetune_lm_lora.gin": "train",
 }  # fmt: skip
 
 
@@ -116,7 +119,10 @@ def test_every_run_file_starts_with_a_header():
         assert "Required" in head and "overrides" in head.lower(), path
 
 
-TRAIN_RUNS = [p for p in ALL_FILES if "train.config" in (GIN_DIR / p).read_text()]
+TRAIN_RUNS = sorted(
+    {p for p in ALL_FILES if "train.config" in (GIN_DIR / p).read_text()}
+    | {p for p, e in RUN_ENTRY.items() if e == "train"}  # run files that include another
+)
 
 
 def test_training_run_files_are_recognised():
@@ -137,10 +143,48 @@ def test_training_run_files_bind_every_argument(path, captured):
     assert config.checkpoint.every == gin.query_parameter("%CHECKPOINT_EVERY")
     if "MODEL_DIR" in _required(path):
         assert config.model_dir == "/tmp/free_jax_gin_test"
-    if path == "runs/finetune.gin":
+    if "INITIAL_CHECKPOINT" in _required(path):
         assert model is None and config.initial_checkpoint == "/tmp/no_checkpoint"
     else:
-        assert isinstance(model, T5Config)
+        assert isinstance(model, T5Config | LMConfig)
+    # Decoder-only models train on a decoder-only format, T5s on 'seq2seq'.
+    assert data.decoder_only == (isinstance(model, LMConfig) or "_lm_" in path)
+
+
+def test_lm_lora_finetune_is_the_papers_llm_setting(captured):
+    files = [str(GIN_DIR / "runs/finetune_lm_lora.gin"), str(GIN_DIR / "tasks/samsum.gin")]
+    entry.parse_gin(files, ["MODEL_DIR = '/tmp/x'", "INITIAL_CHECKPOINT = '/tmp/smollm'"])
+    config, model, data = entry.train()
+    assert model is None and config.initial_checkpoint == "/tmp/smollm"
+    assert config.lora == LoraConfig(rank=64, alpha=128.0) and config.lora.scale == 2.0
+    assert config.loss.kind == "free" and config.optimizer.name == "adamw"
+    assert data.format == "prompt_target" and data.extra_ids == 0
+    assert data.tokenizer_path == "/tmp/smollm"  # the checkpoint's own tokenizer
+
+
+def test_lm_scratch_recipe_is_a_small_decoder_only_model(captured):
+    entry.parse_gin([str(GIN_DIR / "runs/lm_scratch_cpu.gin")], [])
+    config, model, data = entry.train()
+    assert isinstance(model, LMConfig) and model.family == "llama"
+    assert model.num_decoder_layers == 4 and model.shallow_layer == 1 and model.d_model <= 256
+    # The trained SentencePiece vocabulary's ids: pad 0, EOS 1, no BOS.
+    assert (model.pad_token_id, model.eos_token_id, model.bos_token_id) == (0, 1, None)
+    assert data.vocab_size <= model.vocab_size and data.format == "prompt_target"
+    assert data.task == "system_translations" and config.loss.kind == "free"
+
+
+def test_jsonl_task_from_gin(captured, tmp_path):
+    train_file = tmp_path / "train.jsonl"
+    train_file.write_text('{"document": "a b", "summary": "a"}\n')
+    files = [str(GIN_DIR / "runs/lm_scratch_cpu.gin"), str(GIN_DIR / "tasks/jsonl.gin")]
+    entry.parse_gin(files, [
+        f"JSONL_TRAIN = '{train_file}'", "jsonl_task.input_field = 'document'",
+        "jsonl_task.target_field = 'summary'",
+    ])  # fmt: skip
+    _, _, data = entry.train()
+    assert isinstance(data.task, Task) and data.task.dataset == "jsonl"
+    assert data.task.jsonl_files == {"train": str(train_file)}
+    assert data.task.input_field == "document" and data.task.target_field == "summary"
 
 
 def test_demo_recipe_is_the_documented_model(captured):

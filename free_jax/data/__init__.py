@@ -9,6 +9,8 @@
                                  max_input_length=64, max_target_length=64, pack=True)
     batch = next(batches)           # encoder_input_tokens [32, 64], ...
     state = batches.get_state()     # JSON-able; batches.set_state(state) resumes
+    lm = data.lm_train_batches(train, task, tok, batch_size=32, max_prompt_length=64,
+                               max_target_length=64, format="prompt_target")  # decoder-only
 
 Importing this package registers the `system_translations` and `python_docstrings` TFDS builders.
 It imports nothing else from free_jax.
@@ -21,7 +23,14 @@ from free_jax.data.builders import (
     SystemTranslationsConfig,
 )
 from free_jax.data.jsonl import JsonlError, JsonlSource, read_jsonl
-from free_jax.data.pipeline import TrainIterator, eval_batches, train_batches
+from free_jax.data.lm_pipeline import LM_FORMATS, CausalLayout, lm_eval_batches, lm_train_batches
+from free_jax.data.pipeline import (
+    Layout,
+    Seq2SeqLayout,
+    TrainIterator,
+    eval_batches,
+    train_batches,
+)
 from free_jax.data.tasks import (
     TASKS,
     DatasetNotPreparedError,
@@ -44,14 +53,18 @@ from free_jax.data.tokenizer import (
 )
 
 __all__ = [
+    "LM_FORMATS",
     "TASKS",
+    "CausalLayout",
     "DatasetNotPreparedError",
     "HFTokenizer",
     "JsonlError",
     "JsonlSource",
+    "Layout",
     "PythonDocstrings",
     "PythonDocstringsConfig",
     "SentencePieceTokenizer",
+    "Seq2SeqLayout",
     "SystemTranslations",
     "SystemTranslationsConfig",
     "Task",
@@ -61,6 +74,8 @@ __all__ = [
     "get_or_train_sentencepiece",
     "get_task",
     "jsonl_task",
+    "lm_eval_batches",
+    "lm_train_batches",
     "load_source",
     "load_tokenizer",
     "prepare",

@@ -21,6 +21,9 @@ A worked packed row (S=T=6, EOS=1), two examples "a b" -> "x" and "c" -> "y z":
 Sequences longer than S (T) keep their first S-1 (T-1) tokens and EOS; they are counted in
 `TrainIterator.counters` so the trainer can log how much text was cut.
 
+How an example becomes row content is a `Layout`: `Seq2SeqLayout` here (the keys above), the
+decoder-only one in `lm_pipeline.py`. The iterator, its packing and its resumable state are shared.
+
 Training order: the process's shard (`[shard_index::shard_count]`), shuffled by `seed` with a
 new permutation each epoch, repeated `num_epochs` times (forever by default). Examples are read,
 tokenized and prefetched by grain threads; the iterator's position is a small JSON-able dict
@@ -31,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import grain
 import numpy as np
@@ -114,6 +117,61 @@ def _place(batch, row: int, enc_at: int, dec_at: int, inputs, targets, segment: 
         batch["decoder_positions"][row, dec_at : dec_at + m] = np.arange(m)
 
 
+class Layout(Protocol):
+    """How tokenized examples ({"inputs", "targets"} ids without EOS) become rows of a batch.
+
+    A row has one or more packed axes (T5: the encoder's S and the decoder's T; a decoder-only
+    model: one). `capacity` is each axis's length, `room(example)` what one example takes on each
+    after truncation; the iterator packs by first fit on every axis at once.
+    """
+
+    capacity: tuple[int, ...]
+
+    def empty(self, batch_size: int, packed: bool) -> dict[str, np.ndarray]:
+        """All-zero arrays of one batch (segment ids and positions too when `packed`)."""
+
+    def room(self, example: Mapping[str, Any]) -> tuple[int, ...]:
+        """Positions the example takes on each packed axis."""
+
+    def prepare(self, example: Mapping[str, Any]) -> tuple[Any, bool, bool]:
+        """(what `place` writes, input cut?, target cut?)."""
+
+    def place(self, batch, row: int, offsets: tuple[int, ...], prepared, segment: int | None):
+        """Writes a prepared example into `row` at `offsets`; `segment` (1, 2, ...) when packed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Seq2SeqLayout:
+    """T5's rows (the module docstring's keys): input + EOS on the encoder axis, target + EOS on
+    the decoder axis."""
+
+    max_input_length: int
+    max_target_length: int
+    eos_id: int
+
+    @property
+    def capacity(self) -> tuple[int, int]:
+        return self.max_input_length, self.max_target_length
+
+    def empty(self, batch_size: int, packed: bool) -> dict[str, np.ndarray]:
+        return _empty_batch(batch_size, self.max_input_length, self.max_target_length, packed)
+
+    def room(self, example: Mapping[str, Any]) -> tuple[int, int]:
+        return (
+            min(len(example["inputs"]) + 1, self.max_input_length),
+            min(len(example["targets"]) + 1, self.max_target_length),
+        )
+
+    def prepare(self, example: Mapping[str, Any]):
+        inputs, cut_inputs = _with_eos(example["inputs"], self.max_input_length, self.eos_id)
+        targets, cut_targets = _with_eos(example["targets"], self.max_target_length, self.eos_id)
+        return (inputs, targets), cut_inputs, cut_targets
+
+    def place(self, batch, row: int, offsets: tuple[int, ...], prepared, segment: int | None):
+        inputs, targets = prepared
+        _place(batch, row, offsets[0], offsets[1], inputs, targets, segment)
+
+
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
@@ -123,7 +181,7 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
     """Batches of a tokenized grain dataset, checkpointable, with truncation counters.
 
     Without packing a batch is the next B examples. With packing each example goes into the
-    first of the B rows where both its input and its target still fit (greedy first fit); the
+    first of the B rows where it still fits on every axis of the layout (greedy first fit); the
     first example that fits no row closes the batch and opens the next one. That example is read
     but not yet placed, so `get_state` reports the grain position from *before* it was read: a
     restored iterator reads it again, and the counters only count placed examples.
@@ -134,18 +192,14 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
         dataset: grain.MapDataset,
         *,
         batch_size: int,
-        max_input_length: int,
-        max_target_length: int,
-        eos_id: int,
+        layout: Layout,
         pack: bool,
         read_options: grain.ReadOptions,
     ):
         self._dataset = dataset
         self._read_options = read_options
         self.batch_size = batch_size
-        self.max_input_length = max_input_length
-        self.max_target_length = max_target_length
-        self.eos_id = eos_id
+        self.layout = layout
         self.pack = pack
         self._iterator = dataset.to_iter_dataset(read_options).__iter__()
         self._pending: tuple[dict, dict] | None = None  # (example, grain state before it)
@@ -156,32 +210,29 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
             "num_batches": 0,
         }
 
-    def _prepare(self, example: dict) -> tuple[np.ndarray, np.ndarray]:
-        inputs, cut_inputs = _with_eos(example["inputs"], self.max_input_length, self.eos_id)
-        targets, cut_targets = _with_eos(example["targets"], self.max_target_length, self.eos_id)
+    def _prepare(self, example: dict):
+        prepared, cut_inputs, cut_targets = self.layout.prepare(example)
         self.counters["num_examples"] += 1
         self.counters["num_truncated_inputs"] += int(cut_inputs)
         self.counters["num_truncated_targets"] += int(cut_targets)
-        return inputs, targets
+        return prepared
 
     def __next__(self) -> dict[str, np.ndarray]:
-        batch = _empty_batch(
-            self.batch_size, self.max_input_length, self.max_target_length, self.pack
-        )
+        batch = self.layout.empty(self.batch_size, self.pack)
         if self.pack:
             self._fill_packed(batch)
         else:
             # A partial last batch of a finite run is dropped (StopIteration): shapes stay fixed.
             examples = [next(self._iterator) for _ in range(self.batch_size)]
+            zeros = (0,) * len(self.layout.capacity)
             for row, example in enumerate(examples):
-                inputs, targets = self._prepare(example)
-                _place(batch, row, 0, 0, inputs, targets, segment=None)
+                self.layout.place(batch, row, zeros, self._prepare(example), segment=None)
         self.counters["num_batches"] += 1
         return batch
 
     def _fill_packed(self, batch: dict[str, np.ndarray]) -> None:
-        enc_fill = [0] * self.batch_size
-        dec_fill = [0] * self.batch_size
+        capacity = self.layout.capacity
+        fill = [[0] * len(capacity) for _ in range(self.batch_size)]
         segments = [0] * self.batch_size
         placed = 0
         while True:
@@ -196,25 +247,22 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
                     if placed:
                         return  # the last, partly filled batch of a finite run
                     raise
-            n = min(len(example["inputs"]) + 1, self.max_input_length)
-            m = min(len(example["targets"]) + 1, self.max_target_length)
+            room = self.layout.room(example)
             row = next(
                 (
                     r
                     for r in range(self.batch_size)
-                    if enc_fill[r] + n <= self.max_input_length
-                    and dec_fill[r] + m <= self.max_target_length
+                    if all(f + n <= c for f, n, c in zip(fill[r], room, capacity))
                 ),
                 None,
             )
             if row is None:
                 self._pending = (example, state_before)
                 return
-            inputs, targets = self._prepare(example)
             segments[row] += 1
-            _place(batch, row, enc_fill[row], dec_fill[row], inputs, targets, segments[row])
-            enc_fill[row] += n
-            dec_fill[row] += m
+            prepared = self._prepare(example)
+            self.layout.place(batch, row, tuple(fill[row]), prepared, segments[row])
+            fill[row] = [f + n for f, n in zip(fill[row], room)]
             placed += 1
 
     def get_state(self) -> dict[str, Any]:
@@ -245,6 +293,7 @@ def train_batches(
     shard_count: int | None = None,
     num_threads: int = 2,
     prefetch_buffer_size: int = 128,
+    layout: Layout | None = None,
 ) -> TrainIterator:
     """A checkpointable iterator of training batches (see module docstring for the keys).
 
@@ -260,6 +309,8 @@ def train_batches(
       pack: pack several examples per row (adds segment ids and positions).
       shard_index, shard_count: this process's shard; default jax.process_index()/count().
       num_threads, prefetch_buffer_size: grain's reading/tokenizing threads and read-ahead.
+      layout: how examples become rows; None is T5's `Seq2SeqLayout` of the two max lengths
+        (`lm_pipeline.lm_train_batches` passes the decoder-only one).
     """
     shard_index, shard_count = _default_shard(shard_index, shard_count)
     dataset = grain.MapDataset.source(source)[shard_index::shard_count]
@@ -268,12 +319,12 @@ def train_batches(
             f"Shard {shard_index} of {shard_count} of a source of {len(source)} examples is empty"
         )
     dataset = dataset.shuffle(seed=seed).repeat(num_epochs).map(_Tokenize(task, tokenizer))
+    if layout is None:
+        layout = Seq2SeqLayout(max_input_length, max_target_length, tokenizer.eos_id)
     return TrainIterator(
         dataset,
         batch_size=batch_size,
-        max_input_length=max_input_length,
-        max_target_length=max_target_length,
-        eos_id=tokenizer.eos_id,
+        layout=layout,
         pack=pack,
         read_options=grain.ReadOptions(
             num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size
@@ -297,6 +348,7 @@ def eval_batches(
     shard_index: int | None = None,
     shard_count: int | None = None,
     num_threads: int = 2,
+    layout: Layout | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Every example of this process's shard exactly once, in order, in fixed-shape batches.
 
@@ -307,24 +359,27 @@ def eval_batches(
       targets       list[str]   target texts
       references    list[list[str]]  all acceptable targets per example, for metrics
     The final batch is padded with all-zero rows (loss weights 0), so shapes never change.
-    Truncation affects only the token arrays; the texts stay whole for the metrics.
+    Truncation affects only the token arrays; the texts stay whole for the metrics. `layout` as
+    in `train_batches` (never packed here).
     """
+    if layout is None:
+        layout = Seq2SeqLayout(max_input_length, max_target_length, tokenizer.eos_id)
+    zeros = (0,) * len(layout.capacity)
     shard_index, shard_count = _default_shard(shard_index, shard_count)
     dataset = grain.MapDataset.source(source)[shard_index::shard_count]
     dataset = dataset.map(_Tokenize(task, tokenizer, with_texts=True))
     examples = iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads)))
     done = False
     while not done:
-        batch = _empty_batch(batch_size, max_input_length, max_target_length, packed=False)
+        batch = layout.empty(batch_size, packed=False)
         texts = {"inputs": [], "targets": [], "references": []}
         for row in range(batch_size):
             example = next(examples, None)
             if example is None:
                 done = True
                 break
-            inputs, _ = _with_eos(example["inputs"], max_input_length, tokenizer.eos_id)
-            targets, _ = _with_eos(example["targets"], max_target_length, tokenizer.eos_id)
-            _place(batch, row, 0, 0, inputs, targets, segment=None)
+            prepared, _, _ = layout.prepare(example)
+            layout.place(batch, row, zeros, prepared, segment=None)
             texts["inputs"].append(example["input_text"])
             texts["targets"].append(example["target_text"])
             texts["references"].append(example["references"])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import abc
 import io
+import json
 import os
 from collections.abc import Callable, Iterable, Sequence
 
@@ -252,15 +253,42 @@ class HFTokenizer(Tokenizer):
         return self._tok.decode(ids, skip_special_tokens=False)
 
 
+def _special_tokens(directory: epath.Path, tok) -> dict[str, str]:
+    """pad_token / eos_token of a decoder-only checkpoint's tokenizer.json ("<|endoftext|>",
+    "<|end_of_text|>", ...): named by the `tokenizer_config.json` beside it, else given by id in the
+    model's `config.json` (GPT-2's tokenizer_config names none). A missing pad token is the EOS, as
+    Hugging Face's `generate` pads. Empty when neither file says (T5's "<pad>" and "</s>" apply).
+    """
+    eos = pad = None
+    path = directory / "tokenizer_config.json"
+    if path.exists():
+        config = json.loads(path.read_text())
+        name = lambda v: v.get("content") if isinstance(v, dict) else v
+        eos, pad = name(config.get("eos_token")), name(config.get("pad_token"))
+    path = directory / "config.json"
+    if not eos and path.exists():
+        config = json.loads(path.read_text())
+        first = lambda v: v[0] if isinstance(v, list) and v else v
+        eos_id, pad_id = first(config.get("eos_token_id")), first(config.get("pad_token_id"))
+        eos = tok.id_to_token(eos_id) if isinstance(eos_id, int) else None
+        pad = tok.id_to_token(pad_id) if isinstance(pad_id, int) else None
+    if not eos:
+        return {}
+    return {"eos_token": eos, "pad_token": pad or eos}
+
+
 def load_hf_tokenizer(path: str | os.PathLike, **kwargs) -> HFTokenizer:
+    """A `tokenizer.json`; its pad and EOS tokens come from `kwargs`, else from the checkpoint
+    files beside it (`_special_tokens`), else T5's "<pad>" and "</s>"."""
     try:
         import tokenizers
     except ImportError as e:
         raise ImportError(
             "Reading tokenizer.json needs the `tokenizers` package: pip install tokenizers"
         ) from e
-    data = epath.Path(path).read_text()
-    return HFTokenizer(tokenizers.Tokenizer.from_str(data), **kwargs)
+    path = epath.Path(path)
+    tok = tokenizers.Tokenizer.from_str(path.read_text())
+    return HFTokenizer(tok, **{**_special_tokens(path.parent, tok), **kwargs})
 
 
 def load_tokenizer(path: str | os.PathLike, *, extra_ids: int = 0) -> Tokenizer:

@@ -1,11 +1,22 @@
 """Training: FREE / CALM / CE losses, optax optimisers, LoRA, the loop, checkpoints, validation.
 
+T5 and decoder-only models alike (`forward.forward` is the one place a model is called):
+
 from free_jax.training import DataConfig, TrainConfig, train, load_trained
 train(TrainConfig(model_dir="runs/x", train_steps=1000), preset("tiny"), DataConfig())
+train(TrainConfig(model_dir="runs/lm", train_steps=1000), lm_preset("tiny-llama"),
+      DataConfig(format="prompt_target"))
 config, params, tokenizer_path = load_trained("runs/x")
 """
 
-from free_jax.training.config import DataConfig, NonFiniteLossError, TrainConfig, TrainResult
+from free_jax.training.config import (
+    DATA_FORMATS,
+    DataConfig,
+    NonFiniteLossError,
+    TrainConfig,
+    TrainResult,
+)
+from free_jax.training.forward import Forward, ModelConfig, forward
 from free_jax.training.lora import LoraConfig, init_lora, lora_interceptor, merge_lora
 from free_jax.training.losses import (
     LossConfig,
@@ -22,14 +33,17 @@ from free_jax.training.metrics import MetricsWriter, read_metrics
 from free_jax.training.optim import OptimizerConfig, make_optimizer, make_schedule
 from free_jax.training.state import CheckpointConfig, TrainState, load_trained
 from free_jax.training.trainer import train
-from free_jax.training.validation import greedy_decode
+from free_jax.training.validation import decode_and_score, validation_losses
 
 __all__ = [
+    "DATA_FORMATS",
     "CheckpointConfig",
     "DataConfig",
+    "Forward",
     "LoraConfig",
     "LossConfig",
     "MetricsWriter",
+    "ModelConfig",
     "NonFiniteLossError",
     "OptimizerConfig",
     "TrainConfig",
@@ -42,7 +56,8 @@ __all__ = [
     "distillation_loss",
     "dynamic_alignment",
     "free_loss",
-    "greedy_decode",
+    "decode_and_score",
+    "forward",
     "init_lora",
     "load_trained",
     "lora_interceptor",
@@ -52,4 +67,5 @@ __all__ = [
     "read_metrics",
     "teacher_layers",
     "train",
+    "validation_losses",
 ]

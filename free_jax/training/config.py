@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from free_jax.data.tasks import Task
 from free_jax.partitioning import PartitionConfig
 from free_jax.training.lora import LoraConfig
 from free_jax.training.losses import LossConfig
@@ -20,12 +21,24 @@ class NonFiniteLossError(FloatingPointError):
     """Training produced NaN or inf; the message names the step and the last good checkpoint."""
 
 
+# How a task's (input, target) texts become training rows: T5's encoder/decoder pairs, or one
+# decoder-only sequence with the loss on the target only or on every token.
+DATA_FORMATS = ("seq2seq", "prompt_target", "text")
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """What to train on, and how it is tokenized and cut.
 
     Attributes:
-      task: a name from `free_jax.data.get_task` ("system_translations", "xsum", ...).
+      task: a name from `free_jax.data.get_task` ("system_translations", "xsum", ...) or a `Task`
+        (e.g. `free_jax.data.jsonl_task(...)` over the user's files; gin: `@jsonl_task()`).
+      format: "seq2seq" (T5: input to the encoder, target to the decoder), "prompt_target"
+        (decoder-only: [BOS] + input + target + EOS, loss on the target and EOS) or "text"
+        (decoder-only: the same sequence, loss on every token); see `data.lm_pipeline`.
+      add_bos: put the model's BOS before every decoder-only sequence; None: when the model has a
+        BOS distinct from its EOS (Llama, Llama-3: yes; GPT-2, Pythia, SmolLM: no, as their
+        tokenizers do).
       data_dir: TFDS data directory; None means TFDS's default.
       tokenizer_path: SentencePiece .model, tokenizer.json or a checkpoint directory; None trains a
         SentencePiece vocabulary of `vocab_size` on the task's training texts (cached beside the
@@ -33,14 +46,17 @@ class DataConfig:
       vocab_size, vocab_max_sentences: size of a trained vocabulary, and how many texts train it.
       extra_ids: T5 sentinel ids after a SentencePiece vocabulary (100 for T5 checkpoints).
       max_input_length, max_target_length: S and T, EOS included; longer texts are cut (counted
-        in the logs as num_truncated_inputs / num_truncated_targets).
+        in the logs as num_truncated_inputs / num_truncated_targets). Decoder-only rows hold
+        S + T positions: [BOS] + prompt in S, target + EOS in T.
       pack: pack several examples per row.
       train_split, eval_split: None uses the task's; TFDS slices work ("train[:1000]").
       eval_examples: validation examples decoded and scored at each evaluation.
       num_threads: grain threads for reading and tokenizing.
     """
 
-    task: str = "system_translations"
+    task: str | Task = "system_translations"
+    format: str = "seq2seq"
+    add_bos: bool | None = None
     data_dir: str | None = None
     tokenizer_path: str | None = None
     vocab_size: int = 8000
@@ -53,6 +69,14 @@ class DataConfig:
     eval_split: str | None = None
     eval_examples: int = 256
     num_threads: int = 2
+
+    def __post_init__(self):
+        if self.format not in DATA_FORMATS:
+            raise ValueError(f"DataConfig.format={self.format!r}; expected one of {DATA_FORMATS}")
+
+    @property
+    def decoder_only(self) -> bool:
+        return self.format != "seq2seq"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,8 +92,8 @@ class TrainConfig:
       log_every: write training metrics every N steps.
       loss, optimizer, checkpoint: see their classes.
       lora: fine-tune low-rank adapters only (None: train every parameter).
-      initial_checkpoint: start from these weights (a Hugging Face directory or hub name, or a
-        T5X checkpoint directory) instead of a random init. The model config then comes from the
+      initial_checkpoint: start from these weights (a Hugging Face directory or hub name of a T5
+        or a decoder-only model, or a T5X checkpoint directory) instead of a random init. The model config then comes from the
         checkpoint unless one is passed, which must match its shapes.
       initial_checkpoint_format: "hf", "t5x" or "auto" (a directory with config.json is "hf").
       eval_batch_size: batch size of validation losses and decodes.

@@ -13,7 +13,9 @@ models this way with r = 64, alpha = 128 on q, k, v, o and the MLP kernels.
     merged = merge_lora(params, lora, LoraConfig(rank=64, alpha=128).scale)
 
 The adapter tree mirrors the parameter tree down to each targeted module:
-`lora["decoder"]["layers_3"]["self_attention"]["query"] == {"lora_a": A, "lora_b": B}`.
+`lora["decoder"]["layers_3"]["self_attention"]["query"] == {"lora_a": A, "lora_b": B}` (T5), or
+`lora["decoder"]["layers_3"]["attention"]["query"]` (a decoder-only model, whose parameters have only
+the decoder stack: the default stacks fit both families).
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ class LoraConfig:
       rank: r, inner width of A @ B.
       alpha: the merged update is scaled by alpha / r.
       targets: module names whose `kernel` is adapted (see DEFAULT_TARGETS).
-      stacks: "encoder", "decoder" or both.
+      stacks: "encoder", "decoder" or both; a stack the model lacks (a decoder-only model's
+        encoder) adapts nothing.
     """
 
     rank: int = 64

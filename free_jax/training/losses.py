@@ -1,8 +1,10 @@
 """Training losses: plain cross-entropy, CALM's depth-weighted CE, and FREE's shallow-deep loss.
 
-All three read the same batch (t5x feature names) and the same model, and every exit goes through the
-shared final RMS norm and LM head. Token losses are means weighted by `decoder_loss_weights`, so
-padding (weight 0) never counts.
+All three read the same batch (t5x feature names) and work on any model family: the model is run
+in one place (`forward.forward`: T5 on encoder + decoder tokens, a decoder-only LM on its decoder
+tokens), and every exit goes through the shared final norm and LM head. Token losses are means
+weighted by `decoder_loss_weights`, so padding (and, for a decoder-only prompt, the prompt tokens)
+never counts.
 
 FREE (Bae et al. 2023, eq. 2-3), with S the shallow exit layer and L the decoder depth:
 
@@ -26,7 +28,7 @@ from collections.abc import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from free_jax.models import T5, T5Config
+from free_jax.training.forward import ModelConfig, forward
 
 LOSS_KINDS = ("free", "calm", "ce")
 ALIGNMENTS = ("dynamic", "uniform", "last")
@@ -297,19 +299,16 @@ def ce_loss(
 # ---------------------------------------------------------------------------------------------
 
 
-def _model_kwargs(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    """Packing features of a t5x batch, renamed to `T5.__call__`'s keywords."""
-    names = {
-        "encoder_segment_ids": "encoder_segment_ids_BS",
-        "decoder_segment_ids": "decoder_segment_ids_BT",
-        "encoder_positions": "encoder_positions_BS",
-        "decoder_positions": "decoder_positions_BT",
-    }
-    return {kw: batch[key] for key, kw in names.items() if key in batch}
+def _targets_and_weights(config: ModelConfig, batch: Mapping[str, jax.Array]):
+    targets_BT = batch["decoder_target_tokens"]
+    weights_BT = batch.get("decoder_loss_weights")
+    if weights_BT is None:
+        weights_BT = targets_BT != config.pad_token_id
+    return targets_BT, weights_BT
 
 
 def compute_loss(
-    model_config: T5Config,
+    model_config: ModelConfig,
     loss_config: LossConfig,
     params,
     batch: Mapping[str, jax.Array],
@@ -317,54 +316,37 @@ def compute_loss(
     rng: jax.Array | None = None,
     deterministic: bool = True,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Runs the model teacher-forced on a t5x batch and returns (loss, metrics).
+    """Runs the model teacher-forced on a batch and returns (loss, metrics); any model family.
 
     Args:
-      batch: `encoder_input_tokens` [B, S], `decoder_input_tokens` [B, T],
-        `decoder_target_tokens` [B, T], `decoder_loss_weights` [B, T] (optional; defaults to
-        target != pad), plus segment ids / positions when packed.
+      batch: `decoder_input_tokens` [B, T], `decoder_target_tokens` [B, T],
+        `decoder_loss_weights` [B, T] (optional; defaults to target != pad, which drops an EOS
+        that doubles as pad: decoder-only batches always carry weights), segment ids / positions
+        when packed, and for T5 `encoder_input_tokens` [B, S] (see `forward.forward`).
       rng: dropout key; required when `deterministic` is false and the model has dropout.
     """
     c, num_layers, shallow = model_config, model_config.num_decoder_layers, None
-    targets_BT = batch["decoder_target_tokens"]
-    weights_BT = batch.get("decoder_loss_weights")
-    if weights_BT is None:
-        weights_BT = targets_BT != c.pad_token_id
+    targets_BT, weights_BT = _targets_and_weights(c, batch)
+    normed_layers = ()
     if loss_config.kind == "free":
         shallow = c.shallow_layer
         teachers = teacher_layers(num_layers, shallow)
         exit_layers = (shallow,)
+        # Students and teachers are compared after the shared final norm, as in the reference,
+        # so that KD acts on what the LM head reads.
+        normed_layers = tuple(sorted(set(range(1, shallow + 1)) | set(teachers)))
     elif loss_config.kind == "calm":
         exit_layers = tuple(range(1, num_layers))
     else:
         exit_layers = ()
-
-    def forward(model: T5, enc_BS, dec_BT, kwargs):
-        out = model(
-            enc_BS, dec_BT, exit_layers=exit_layers, deterministic=deterministic,
-            return_hidden=loss_config.kind == "free", **kwargs,
-        )  # fmt: skip
-        if loss_config.kind != "free":
-            return out, None
-        # Students and teachers are compared after the shared final norm (and its dropout), as in
-        # the reference, so that KD acts on what the LM head reads.
-        layers = sorted(set(range(1, shallow + 1)) | set(teachers))
-        normed = {i: model.decoder.final(out.decoder_hidden[i - 1], deterministic) for i in layers}
-        return out, normed
-
-    rngs = {"dropout": rng} if rng is not None else {}
-    out, normed = T5(c).apply(
-        {"params": params},
-        batch["encoder_input_tokens"],
-        batch["decoder_input_tokens"],
-        _model_kwargs(batch),
-        method=forward,
-        rngs=rngs,
-    )
+    out = forward(
+        c, params, batch, exit_layers=exit_layers, normed_layers=normed_layers, rng=rng,
+        deterministic=deterministic,
+    )  # fmt: skip
     if loss_config.kind == "free":
         return free_loss(
             out.exit_logits[shallow], out.logits,
-            [normed[i] for i in range(1, shallow + 1)], [normed[i] for i in teachers],
+            [out.normed[i] for i in range(1, shallow + 1)], [out.normed[i] for i in teachers],
             targets_BT, weights_BT, shallow_layer=shallow, num_layers=num_layers,
             alpha=loss_config.kd_alpha, alignment=loss_config.kd_alignment,
             z_loss=loss_config.z_loss,
@@ -378,26 +360,16 @@ def compute_loss(
 
 
 def exit_losses(
-    model_config: T5Config, params, batch: Mapping[str, jax.Array]
+    model_config: ModelConfig, params, batch: Mapping[str, jax.Array]
 ) -> dict[str, jax.Array]:
     """Deterministic CE and accuracy of every exit 1..L (validation): `ce_layer{l}`, `acc_layer{l}`.
 
     Returns weighted sums and the weight total (`weight`) so that callers can add batches up
     exactly before dividing.
     """
-    c = model_config
-    num_layers = c.num_decoder_layers
-    out = T5(c).apply(
-        {"params": params},
-        batch["encoder_input_tokens"],
-        batch["decoder_input_tokens"],
-        exit_layers=tuple(range(1, num_layers)),
-        **_model_kwargs(batch),
-    )
-    targets_BT = batch["decoder_target_tokens"]
-    weights_BT = batch.get("decoder_loss_weights")
-    if weights_BT is None:
-        weights_BT = targets_BT != c.pad_token_id
+    num_layers = model_config.num_decoder_layers
+    out = forward(model_config, params, batch, exit_layers=range(1, num_layers))
+    targets_BT, weights_BT = _targets_and_weights(model_config, batch)
     weights_BT = weights_BT.astype(jnp.float32)
     sums = {"weight": jnp.sum(weights_BT)}
     for layer, logits in {**out.exit_logits, num_layers: out.logits}.items():

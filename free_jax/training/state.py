@@ -2,8 +2,11 @@
 
 MODEL_DIR layout written by the trainer:
 
-    config.json         the T5Config (`T5Config.to_json()`), enough to rebuild the model
-    run.json            tokenizer path, loss, LoRA scale (when fine-tuned with LoRA), task
+    config.json         the model config's `to_json()`, enough to rebuild the model: a T5Config, or
+                        an LMConfig (decoder-only), told apart by the LMConfig's "family" key
+                        ("llama", "gpt_neox", "gpt2"), which a T5 config.json never has
+    run.json            tokenizer path, loss, LoRA scale (when fine-tuned with LoRA), task, model
+                        family ("t5" or the LMConfig's), data format and BOS
     spm.model           a copy of the SentencePiece vocabulary, when training used one
     checkpoints/<step>/ orbax: `state` (step, params, optimiser state, RNG; sharded arrays are
                         written shard by shard by the processes that hold them) and `data` (the
@@ -30,6 +33,7 @@ from flax import struct
 
 from free_jax import partitioning
 from free_jax.models import T5Config
+from free_jax.models.lm_config import LMConfig
 
 CHECKPOINT_SUBDIR = "checkpoints"
 
@@ -40,11 +44,11 @@ class TrainState:
 
     Attributes:
       step: int32 [] batches trained so far.
-      params: the trained tree: all T5 parameters, or only the LoRA adapters.
+      params: the trained tree: all model parameters, or only the LoRA adapters.
       opt_state: the optax state of `params`.
       rng: uint32 [2] the run's base key; step t's dropout uses fold_in(rng, t), so resuming needs
         no RNG bookkeeping beyond the step.
-      frozen: the base T5 parameters under LoRA (never updated), else None.
+      frozen: the base model parameters under LoRA (never updated), else None.
     """
 
     step: jax.Array
@@ -188,7 +192,19 @@ def restore_checkpoint(manager, template: TrainState, step: int | None = None):
 # ---------------------------------------------------------------------------------------------
 
 
-def write_run_files(model_dir, model_config: T5Config, run_info: dict) -> None:
+def config_from_json(text: str, source: str = "<json>") -> T5Config | LMConfig:
+    """The model config of a MODEL_DIR's config.json: an LMConfig when it names a "family", else
+    a T5Config (every T5 run directory written before decoder-only models existed).
+
+    >>> type(config_from_json(LMConfig().to_json())).__name__, type(config_from_json("{}")).__name__
+    ('LMConfig', 'T5Config')
+    """
+    if "family" in json.loads(text):
+        return LMConfig.from_json(text, source=source)
+    return T5Config.from_json(text, source=source)
+
+
+def write_run_files(model_dir, model_config: T5Config | LMConfig, run_info: dict) -> None:
     """Writes config.json (the model) and run.json (`run_info`: tokenizer_path, ...) into MODEL_DIR."""
     model_dir = epath.Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -196,18 +212,52 @@ def write_run_files(model_dir, model_config: T5Config, run_info: dict) -> None:
     (model_dir / "run.json").write_text(json.dumps(run_info, indent=2, sort_keys=True))
 
 
-def read_run_files(model_dir) -> tuple[T5Config, dict]:
+def read_run_files(model_dir) -> tuple[T5Config | LMConfig, dict]:
     model_dir = epath.Path(model_dir)
     config_file = model_dir / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{config_file} not found: is {model_dir} a training MODEL_DIR?")
-    config = T5Config.from_json(config_file.read_text(), source=str(config_file))
+    config = config_from_json(config_file.read_text(), source=str(config_file))
     run_file = model_dir / "run.json"
     run = json.loads(run_file.read_text()) if run_file.exists() else {}
     return config, run
 
 
-def load_trained(model_dir, step: int | None = None) -> tuple[T5Config, Any, str | None]:
+def read_saved_state(model_dir, step: int | None = None) -> tuple[int, dict[str, Any]]:
+    """(step, the saved train state as a dict: "step", "params", "opt_state", "rng" and, under
+    LoRA, "frozen" (the base weights; "params" are then the adapters)), every array whole on this
+    process's first device, whatever mesh saved it.
+
+    Args:
+      model_dir: a directory written by `free_jax.train`.
+      step: a checkpoint step; None picks the latest.
+    """
+    manager = make_manager(model_dir, CheckpointConfig(keep_best=0), read_only=True)
+    try:
+        steps = manager.all_steps()
+        if not steps:
+            raise FileNotFoundError(
+                f"no checkpoint under {epath.Path(model_dir) / CHECKPOINT_SUBDIR}"
+            )
+        if step is None:
+            step = max(steps)
+        elif step not in steps:
+            raise ValueError(f"no checkpoint for step {step} in {model_dir}; saved steps: {steps}")
+        # Plain dicts, no TrainState: the saving run's mesh and sharding do not matter here.
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        saved = manager.item_metadata(step)["state"].tree
+        target = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved
+        )
+        restored = manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+        )
+    finally:
+        manager.close()
+    return step, restored.state
+
+
+def load_trained(model_dir, step: int | None = None) -> tuple[T5Config | LMConfig, Any, str | None]:
     """(config, params, tokenizer_path) of a trained MODEL_DIR, LoRA adapters already merged.
 
     Args:
@@ -217,26 +267,9 @@ def load_trained(model_dir, step: int | None = None) -> tuple[T5Config, Any, str
     from free_jax.training.lora import merge_lora
 
     config, run = read_run_files(model_dir)
-    manager = make_manager(model_dir, CheckpointConfig(keep_best=0), read_only=True)
-    steps = manager.all_steps()
-    if not steps:
-        raise FileNotFoundError(f"no checkpoint under {epath.Path(model_dir) / CHECKPOINT_SUBDIR}")
-    if step is None:
-        step = max(steps)
-    elif step not in steps:
-        raise ValueError(f"no checkpoint for step {step} in {model_dir}; saved steps: {steps}")
-    # The checkpoint may come from a multi-process, sharded run: restore every array whole onto
-    # this process's first device, whatever the mesh that saved it (plain dicts, no TrainState).
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    saved = manager.item_metadata(step)["state"].tree
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
-    restored = manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
-    )
-    state = restored.state
+    _, state = read_saved_state(model_dir, step)
     params = state["params"]
     if "frozen" in state:
         params = merge_lora(state["frozen"], params, run["lora_scale"])
     params = jax.tree.map(jnp.asarray, params)
-    manager.close()
     return config, params, run.get("tokenizer_path")

@@ -2,6 +2,12 @@
 
     result = train(TrainConfig(model_dir="runs/demo", train_steps=6000, batch_size=32),
                    preset("tiny"), DataConfig(task="system_translations"))
+    result = train(TrainConfig(model_dir="runs/lm", train_steps=2000),
+                   lm_preset("tiny-llama"), DataConfig(format="prompt_target"))   # decoder-only
+
+The model is a T5 (`T5Config`, data format "seq2seq") or a decoder-only LM (`LMConfig`, formats
+"prompt_target" and "text"), from a random init or an initial checkpoint (a Hugging Face directory
+of either family, chosen by its config.json's model_type, or a T5X checkpoint).
 
 Library code takes these plain dataclasses; `python -m free_jax.train` builds them from gin.
 
@@ -22,7 +28,6 @@ files and run files; every process takes part in saving the (sharded) orbax chec
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
@@ -37,10 +42,11 @@ from etils import epath
 
 from free_jax import data as data_lib
 from free_jax import partitioning
-from free_jax.models import T5Config, init_params, param_shapes
+from free_jax.models import init_params, param_shapes
+from free_jax.training import inputs, validation
 from free_jax.training import state as state_lib
-from free_jax.training import validation
 from free_jax.training.config import DataConfig, NonFiniteLossError, TrainConfig, TrainResult
+from free_jax.training.forward import ModelConfig
 from free_jax.training.lora import count_lora_params, init_lora, merge_lora
 from free_jax.training.losses import LossConfig, compute_loss
 from free_jax.training.metrics import MetricsWriter, Progress
@@ -49,20 +55,19 @@ from free_jax.training.state import CheckpointConfig, TrainState, state_sharding
 
 log = logging.getLogger(__name__)
 
-_ARRAY_KEYS = (
-    "encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
-    "decoder_loss_weights", "encoder_segment_ids", "decoder_segment_ids", "encoder_positions",
-    "decoder_positions",
-)  # fmt: skip
-
 
 # ---------------------------------------------------------------------------------------------
 # Set-up pieces
 # ---------------------------------------------------------------------------------------------
 
 
-def load_initial_checkpoint(path: str, fmt: str = "auto") -> tuple[T5Config, Any]:
-    """(config, params) of a Hugging Face or T5X checkpoint."""
+def load_initial_checkpoint(path: str, fmt: str = "auto") -> tuple[ModelConfig, Any]:
+    """(config, params) of a Hugging Face or T5X checkpoint.
+
+    A Hugging Face directory (or hub name) is read by `checkpoints.load_hf`, which picks the
+    family from config.json's `model_type`: "t5" gives a `T5Config`, "llama" / "gpt_neox" /
+    "gpt2" an `LMConfig` (`checkpoints.hf_lm.load_hf_lm`).
+    """
     from free_jax import checkpoints
 
     if fmt == "auto":
@@ -72,7 +77,7 @@ def load_initial_checkpoint(path: str, fmt: str = "auto") -> tuple[T5Config, Any
     return loader(path)
 
 
-def _initial_params(config: TrainConfig, model_config: T5Config | None, rng, mesh, rules):
+def _initial_params(config: TrainConfig, model_config: ModelConfig | None, rng, mesh, rules):
     """(model config, parameters) from the initial checkpoint or a random init, on the mesh."""
     if config.initial_checkpoint:
         loaded_config, params = load_initial_checkpoint(
@@ -80,6 +85,12 @@ def _initial_params(config: TrainConfig, model_config: T5Config | None, rng, mes
         )
         if model_config is None:
             return loaded_config, _place_params(params, mesh, rules)
+        if type(model_config) is not type(loaded_config):
+            raise ValueError(
+                f"The model config is a {type(model_config).__name__} but "
+                f"{config.initial_checkpoint} holds a {type(loaded_config).__name__}; leave the "
+                "model unset to use the checkpoint's own config."
+            )
         want = jax.tree.map(lambda x: x.shape, param_shapes(model_config))
         got = jax.tree.map(lambda x: tuple(x.shape), params)
         if want != got:
@@ -102,39 +113,8 @@ def _place_params(params, mesh, rules):
     return partitioning.put_global(params, partitioning.param_shardings(params, mesh, rules))
 
 
-def _tokenizer(data: DataConfig, task):
-    if data.tokenizer_path:
-        return data_lib.load_tokenizer(data.tokenizer_path, extra_ids=data.extra_ids)
-    return data_lib.task_tokenizer(
-        task,
-        vocab_size=data.vocab_size,
-        data_dir=data.data_dir,
-        extra_ids=data.extra_ids,
-        max_sentences=data.vocab_max_sentences,
-    )
-
-
-def _save_tokenizer(model_dir: epath.Path, tokenizer, data: DataConfig) -> str | None:
-    """Puts the vocabulary into MODEL_DIR (SentencePiece) or records where it is (others)."""
-    if isinstance(tokenizer, data_lib.SentencePieceTokenizer):
-        path = model_dir / "spm.model"
-        path.write_bytes(tokenizer.model_proto)
-        return str(path)
-    return data.tokenizer_path
-
-
-def _array_batch(batch: dict) -> dict[str, np.ndarray]:
-    return {k: np.asarray(batch[k]) for k in _ARRAY_KEYS if k in batch}
-
-
-def _num_tokens(batch: dict) -> int:
-    """Real tokens the step trained on: non-pad inputs plus weighted targets."""
-    inputs = int(np.count_nonzero(batch["encoder_input_tokens"]))
-    return inputs + int(np.count_nonzero(batch["decoder_loss_weights"]))
-
-
 def make_train_step(
-    model_config: T5Config,
+    model_config: ModelConfig,
     loss_config: LossConfig,
     tx: optax.GradientTransformation,
     schedule: Callable,
@@ -187,54 +167,27 @@ def make_train_step(
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class _EvalSet:
-    batches: list[dict]  # numpy, then placed on the mesh by `train`
-    encoder_tokens: list[np.ndarray]
-    references: list[list[str]]
-    metric: str
-
-
-def _eval_set(data: DataConfig, task, tokenizer, batch_size: int) -> _EvalSet:
-    split = data.eval_split or task.eval_split
-    source = data_lib.load_source(task, split, data_dir=data.data_dir)
-    batches, tokens, references = [], [], []
-    for batch in data_lib.eval_batches(
-        source, task, tokenizer, batch_size=batch_size,
-        max_input_length=data.max_input_length, max_target_length=data.max_target_length,
-        shard_index=0, shard_count=1, num_threads=data.num_threads,
-    ):  # fmt: skip
-        left = data.eval_examples - len(tokens)
-        n = min(batch["num_real"], left)
-        if n < batch["num_real"]:  # zero the rows past the limit so their losses do not count
-            for key in _ARRAY_KEYS:
-                if key in batch:
-                    batch[key][n:] = 0
-        batches.append(_array_batch(batch))
-        for i in range(n):
-            row = batch["encoder_input_tokens"][i]
-            tokens.append(row[: np.count_nonzero(row)])
-            references.append(list(batch["references"][i]))
-        if len(tokens) >= data.eval_examples:
-            break
-    return _EvalSet(batches, tokens, references, task.metric)
-
-
 def evaluate(
-    model_config: T5Config, params, eval_set: _EvalSet, tokenizer, config: TrainConfig, data
+    model_config: ModelConfig,
+    params,
+    eval_set: inputs.ValidationSet,
+    tokenizer,
+    config: TrainConfig,
+    data,
 ) -> dict[str, float]:
     """Exit losses and the task metric of greedy decodes on the validation examples."""
     metrics = validation.validation_losses(model_config, params, eval_set.batches)
     metrics["loss"] = metrics[f"ce_layer{model_config.num_decoder_layers}"]
-    if eval_set.encoder_tokens:
+    if eval_set.inputs:
         scores, _ = validation.decode_and_score(
-            model_config, params, eval_set.encoder_tokens, eval_set.references,
-            tokenizer.decode, eval_set.metric, batch_size=config.eval_batch_size,
+            model_config, params, eval_set.inputs, eval_set.references,
+            tokenizer.decode, eval_set.metric, prompt_lengths=eval_set.prompt_lengths,
+            batch_size=config.eval_batch_size,
             max_decode_len=config.max_decode_length or data.max_target_length,
             input_length=data.max_input_length,
         )  # fmt: skip
         metrics.update(scores)
-    metrics["num_examples"] = len(eval_set.encoder_tokens)
+    metrics["num_examples"] = len(eval_set.inputs)
     return metrics
 
 
@@ -249,7 +202,7 @@ def _all_finite(values: dict, keys=("loss", "grad_norm", "param_norm")) -> bool:
 
 def train(
     config: TrainConfig,
-    model_config: T5Config | None,
+    model_config: ModelConfig | None,
     data: DataConfig,
     *,
     step_callback: Callable[[int, dict], None] | None = None,
@@ -258,8 +211,9 @@ def train(
 
     Args:
       config: the run.
-      model_config: the model; None takes it from `config.initial_checkpoint`.
-      data: the task and its tokenization.
+      model_config: the model (`T5Config` or `LMConfig`); None takes it from
+        `config.initial_checkpoint`.
+      data: the task, its format (T5's "seq2seq" or a decoder-only one) and its tokenization.
       step_callback: called as f(step, metrics) after every step (and its logging/saving).
     """
     model_dir = epath.Path(config.model_dir)
@@ -269,12 +223,12 @@ def train(
     batch_sharding = partitioning.batch_sharding(mesh, rules)
     # Which slice of every global batch this process reads (checks the batch size fits the mesh).
     shard_index, shard_count = partitioning.process_batch_shard(batch_sharding, config.batch_size)
-    task = data_lib.get_task(data.task)
+    task = inputs.resolve_task(data.task)
     # Process 0 prepares the dataset and vocabulary first; the others then find them ready.
     tokenizer, train_source = _primary_first(
         "data_ready",
         lambda: (
-            _tokenizer(data, task),
+            inputs.make_tokenizer(data, task),
             data_lib.load_source(
                 task, data.train_split or task.train_split, data_dir=data.data_dir
             ),
@@ -289,6 +243,8 @@ def train(
             f"The tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
             f"{model_config.vocab_size}; set the model's vocab_size to at least the tokenizer's."
         )
+    inputs.check_model_and_data(model_config, data, tokenizer)
+    bos_id = inputs.bos_id_for(model_config, data) if data.decoder_only else None
     tx, schedule = make_optimizer(config.optimizer, config.train_steps)
     lora_scale = None
     if config.lora is not None:
@@ -315,9 +271,12 @@ def train(
     )
     run_info = {
         "task": task.name,
+        "family": getattr(model_config, "family", "t5"),
+        "format": data.format,
+        "bos_id": bos_id,
         "loss": config.loss.kind,
         "train_steps": config.train_steps,
-        "tokenizer_path": _save_tokenizer(model_dir, tokenizer, data) if primary else None,
+        "tokenizer_path": inputs.save_tokenizer(model_dir, tokenizer, data) if primary else None,
         "extra_ids": data.extra_ids,
     }
     if lora_scale is not None:
@@ -325,13 +284,18 @@ def train(
     if primary:
         state_lib.write_run_files(model_dir, model_config, run_info)
 
-    train_iter = data_lib.train_batches(
-        train_source, task, tokenizer, batch_size=config.batch_size // shard_count,
-        max_input_length=data.max_input_length, max_target_length=data.max_target_length,
-        seed=config.seed, pack=data.pack, shard_index=shard_index, shard_count=shard_count,
-        num_threads=data.num_threads,
-    )  # fmt: skip
-    eval_set = _eval_set(data, task, tokenizer, config.eval_batch_size)
+    train_iter = inputs.train_iterator(
+        train_source,
+        task,
+        tokenizer,
+        data,
+        bos_id,
+        batch_size=config.batch_size // shard_count,
+        seed=config.seed,
+        shard_index=shard_index,
+        shard_count=shard_count,
+    )
+    eval_set = inputs.validation_set(data, task, tokenizer, config.eval_batch_size, bos_id)
     eval_set.batches = [_place_eval_batch(b, batch_sharding) for b in eval_set.batches]
 
     manager = state_lib.make_manager(model_dir, config.checkpoint)
@@ -361,9 +325,9 @@ def train(
     tokens_since_log, time_of_log = 0, time.perf_counter()
     try:
         for step in range(start + 1, config.train_steps + 1):
-            local = _array_batch(next(train_iter))
+            local = inputs.array_batch(next(train_iter))
             # Tokens of the global batch, estimated from this process's equal share of it.
-            num_tokens = _num_tokens(local) * shard_count
+            num_tokens = inputs.num_tokens(local) * shard_count
             batch = partitioning.global_batch(local, batch_sharding, config.batch_size)
             state, metrics = step_fn(state, batch)
             values = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -389,7 +353,10 @@ def train(
                 writer.write(step, "train", values)
 
             evaluated = None
-            if (config.eval_every and step % config.eval_every == 0) or step == config.train_steps:
+            due = (
+                config.eval_every and step % config.eval_every == 0
+            ) or step == config.train_steps
+            if due and eval_set.batches:
                 evaluated = evaluate(
                     model_config, eval_params(state), eval_set, tokenizer, config, data
                 )

@@ -1,3 +1,4 @@
+import json
 import pickle
 import sysconfig
 from pathlib import Path
@@ -104,3 +105,24 @@ def test_hf_tokenizer_json_matches_sentencepiece(tmp_path, trained):
         assert hf.encode(text) == sp.encode(text)
         ids = sp.encode(text)
         assert hf.decode(ids + [1, 5, 6]) == sp.decode(ids)
+
+
+def test_decoder_only_tokenizer_json_takes_its_special_tokens_from_tokenizer_config(tmp_path):
+    """GPT-2 / Pythia / SmolLM style: "<|endoftext|>" ends texts and, without a pad token, pads."""
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {"<|endoftext|>": 0, "<unk>": 1, "hello": 2, "world": 3}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ValueError, match="lacks '<pad>'"):  # no tokenizer_config.json: T5's names
+        tokenizer_lib.load_tokenizer(tmp_path)
+    config = {"eos_token": {"content": "<|endoftext|>"}, "pad_token": None}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    hf = tokenizer_lib.load_tokenizer(tmp_path)
+    assert (hf.eos_id, hf.pad_id) == (0, 0)
+    assert hf.encode("hello world") == [2, 3] and hf.decode([2, 3, 0, 2]) == "hello world"
+    # GPT-2's tokenizer_config names no tokens; the model's config.json gives them by id.
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 1024}))
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 0, "bos_token_id": 0}))
+    hf = tokenizer_lib.load_tokenizer(tmp_path)
+    assert (hf.eos_id, hf.pad_id) == (0, 0)
