@@ -95,7 +95,7 @@ def calibrate(
     batches = split_batches(
         get_task(task), tok, split, data_dir=data_dir, batch_size=batch_size,
         max_input_length=max_input_length, max_target_length=settings.max_decode_len,
-        limit=num_examples,
+        limit=num_examples, config=config,
     )  # fmt: skip
     n = sum(b.num_real for b in batches)
     print(f"{describe_config(config)}; calibrating on {task}/{split}: {n} examples")

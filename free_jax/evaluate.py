@@ -61,7 +61,7 @@ def evaluate(
     batches = split_batches(
         task_obj, tok, split, data_dir=data_dir, batch_size=max(suite.batch_sizes),
         max_input_length=max_input_length, max_target_length=settings.max_decode_len,
-        limit=num_examples,
+        limit=num_examples, config=config,
     )  # fmt: skip
     n = sum(b.num_real for b in batches)
     print(f"{describe_config(config)}; {task}/{split}: {n} examples; device {device_name()}")

@@ -22,10 +22,11 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from free_jax.data import get_task
+from free_jax.data import default_bos_id, get_task
 from free_jax.decoding import MEASURES, decode
 from free_jax.decoding.specs import DEFAULT_THRESHOLD, METHODS, NEEDS_THRESHOLD, spec_for
 from free_jax.loading import load_confidence_head, load_model
+from free_jax.models import T5Config
 
 GREEN, DIM, RESET = "\033[32m", "\033[2m", "\033[0m"
 ALIASES = {"full": "greedy"}
@@ -133,7 +134,13 @@ def main(argv: Sequence[str] | None = None) -> str:
     head = None
     if args.confidence_head:
         head = load_confidence_head(args.confidence_head, config)
-    ids = tok.encode(text) + [tok.eos_id]
+    if isinstance(config, T5Config):
+        ids = tok.encode(text) + [tok.eos_id]  # T5's encoder input ends with EOS
+    else:  # a decoder-only model continues the prompt: [BOS] + text, as it was trained
+        bos = default_bos_id(getattr(config, "bos_token_id", None), config.eos_token_id)
+        ids = ([] if bos is None else [bos]) + tok.encode(text)
+        if not ids:
+            raise SystemExit("an empty prompt: give some text to continue")
     result = decode(
         config, params, np.asarray([ids], np.int32), spec, max_decode_len=args.max_decode_len,
         threshold=threshold, confidence_params=head, rng=jax.random.key(args.seed),

@@ -19,6 +19,7 @@ from flax import serialization
 from free_jax.checkpoints import load_hf, load_params, load_t5x
 from free_jax.data import load_tokenizer
 from free_jax.models import T5Config
+from free_jax.models.configs import describe_config  # noqa: F401  (re-exported)
 
 
 def _find_tokenizer(directory: Path) -> Path | None:
@@ -30,7 +31,8 @@ def _find_tokenizer(directory: Path) -> Path | None:
 
 
 def load_model(checkpoint: str, tokenizer: str | None = None, **config_overrides):
-    """-> (T5Config, params, Tokenizer or None), with config fields overridden as given."""
+    """-> (model config (T5 or decoder-only), params, Tokenizer or None), with config fields
+    overridden as given."""
     path = Path(checkpoint)
     tok_path = Path(tokenizer) if tokenizer else None
     if (path / "params").is_dir() and (path / "config.json").exists():
@@ -72,13 +74,6 @@ def load_model_and_tokenizer(checkpoint: str, tokenizer: str | None, *, flag: st
     if tok is None:
         raise FileNotFoundError(f"{checkpoint}: no tokenizer found; pass {flag}")
     return config, params, tok
-
-
-def describe_config(config: T5Config) -> str:
-    return (
-        f"T5 d_model={config.d_model} heads={config.num_heads} encoder={config.num_encoder_layers} "
-        f"decoder L={config.num_decoder_layers} S={config.shallow_layer} V={config.vocab_size}"
-    )
 
 
 def save_confidence_head(path: str | os.PathLike, head_params) -> Path:

@@ -8,8 +8,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from free_jax.models.config import T5Config
-from free_jax.models.t5 import param_shapes
+from free_jax.models import param_shapes
 
 
 def flatten(tree: Mapping, sep: str = "/") -> dict[str, object]:
@@ -20,7 +19,7 @@ def unflatten(flat: Mapping[str, object], sep: str = "/") -> dict:
     return traverse_util.unflatten_dict({tuple(k.split(sep)): v for k, v in flat.items()})
 
 
-def check_against_config(flat: Mapping[str, np.ndarray], config: T5Config, source: str) -> None:
+def check_against_config(flat: Mapping[str, np.ndarray], config, source: str) -> None:
     """Every expected parameter present with its exact shape, and nothing unexpected.
 
     Errors name the parameter and both shapes, and the checkpoint they came from.
@@ -46,7 +45,7 @@ def check_against_config(flat: Mapping[str, np.ndarray], config: T5Config, sourc
             )
 
 
-def to_params(flat: Mapping[str, np.ndarray], config: T5Config) -> dict:
+def to_params(flat: Mapping[str, np.ndarray], config) -> dict:
     """Casts to the config's parameter dtype and nests the tree as the model expects."""
     dtype = config.weights_dtype
     return unflatten({k: jax.numpy.asarray(np.asarray(v), dtype=dtype) for k, v in flat.items()})

@@ -18,13 +18,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from free_jax.checkpoints.naming import check_against_config, flatten
-from free_jax.models.config import T5Config
+from free_jax.models.configs import config_from_json
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 
 
-def save_params(directory: str | os.PathLike, config: T5Config, params, dtype=None) -> Path:
+def save_params(directory: str | os.PathLike, config, params, dtype=None) -> Path:
     """Writes `config.json` and the parameters (optionally cast, e.g. to bfloat16) atomically."""
     directory = Path(directory).absolute()
     directory.mkdir(parents=True, exist_ok=True)
@@ -37,14 +37,15 @@ def save_params(directory: str | os.PathLike, config: T5Config, params, dtype=No
     return directory
 
 
-def load_config(directory: str | os.PathLike) -> T5Config:
+def load_config(directory: str | os.PathLike):
+    """The saved model config: a `T5Config` or, for a decoder-only export, an `LMConfig`."""
     path = Path(directory) / CONFIG_FILE
     if not path.exists():
         raise FileNotFoundError(f"{directory}: missing {CONFIG_FILE} (not a free_jax checkpoint?)")
-    return T5Config.from_json(path.read_text(), source=str(path))
+    return config_from_json(path.read_text(), source=str(path))
 
 
-def load_params(directory: str | os.PathLike, **config_overrides) -> tuple[T5Config, dict]:
+def load_params(directory: str | os.PathLike, **config_overrides):
     """Reads a directory written by `save_params` -> (config, params in the config's dtype)."""
     directory = Path(directory).absolute()
     config = load_config(directory)

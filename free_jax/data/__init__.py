@@ -23,7 +23,13 @@ from free_jax.data.builders import (
     SystemTranslationsConfig,
 )
 from free_jax.data.jsonl import JsonlError, JsonlSource, read_jsonl
-from free_jax.data.lm_pipeline import LM_FORMATS, CausalLayout, lm_eval_batches, lm_train_batches
+from free_jax.data.lm_pipeline import (
+    LM_FORMATS,
+    CausalLayout,
+    default_bos_id,
+    lm_eval_batches,
+    lm_train_batches,
+)
 from free_jax.data.pipeline import (
     Layout,
     Seq2SeqLayout,
@@ -56,6 +62,7 @@ __all__ = [
     "LM_FORMATS",
     "TASKS",
     "CausalLayout",
+    "default_bos_id",
     "DatasetNotPreparedError",
     "HFTokenizer",
     "JsonlError",

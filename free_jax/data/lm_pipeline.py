@@ -43,6 +43,16 @@ from free_jax.data.tokenizer import Tokenizer
 LM_FORMATS = ("prompt_target", "text")
 
 
+def default_bos_id(bos_token_id: int | None, eos_token_id: int) -> int | None:
+    """The BOS a model's sequences start with by default: its BOS when it has one distinct from
+    its EOS (Llama, Llama-3), else none (GPT-2, Pythia and SmolLM use one id for both).
+
+    >>> default_bos_id(1, 2), default_bos_id(0, 0), default_bos_id(None, 2)
+    (1, None, None)
+    """
+    return bos_token_id if bos_token_id is not None and bos_token_id != eos_token_id else None
+
+
 @dataclasses.dataclass(frozen=True)
 class CausalLayout:
     """`pipeline.Layout` of a decoder-only model: one packed axis of length L (module docstring).

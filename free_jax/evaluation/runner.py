@@ -17,7 +17,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from free_jax.calibration import OnlineThreshold
-from free_jax.data import eval_batches, load_source
+from free_jax.data import default_bos_id, eval_batches, lm_eval_batches, load_source
 from free_jax.decoding import make_decoder
 from free_jax.decoding.specs import DEFAULT_THRESHOLD, NEEDS_THRESHOLD, FreeSpec, Spec, method_name
 from free_jax.evaluation import metrics
@@ -78,11 +78,27 @@ class EvalSettings:
 
 @dataclasses.dataclass
 class EvalBatch:
-    """Tokenised inputs of one batch (fixed shapes) and the texts needed for scoring."""
+    """Tokenised inputs of one batch (fixed shapes) and the texts needed for scoring.
+
+    Attributes:
+      encoder_tokens_BS: [B, S] int32 T5 encoder tokens, or a decoder-only model's right-padded
+        prompts ([BOS] + task prefix + input).
+      num_real: rows that are real examples (the rest is padding).
+      references: per real example, its reference text(s).
+      prompt_lengths_B: [B] int32 prompt lengths (decoder-only; None for T5).
+    """
 
     encoder_tokens_BS: np.ndarray
     num_real: int
     references: list
+    prompt_lengths_B: np.ndarray | None = None
+
+    @property
+    def decode_kwargs(self) -> dict:
+        """What a decoder call needs besides the tokens (the prompt lengths, if any)."""
+        if self.prompt_lengths_B is None:
+            return {}
+        return {"prompt_lengths": self.prompt_lengths_B}
 
 
 @dataclasses.dataclass
@@ -136,9 +152,17 @@ def make_batches(raw_batches: Iterable[dict], limit: int | None = None) -> list[
             num_real = min(num_real, limit - seen)
         if num_real <= 0:
             break
-        enc = np.asarray(raw["encoder_input_tokens"], np.int32).copy()
-        enc[num_real:] = 0
-        out.append(EvalBatch(enc, num_real, list(raw["references"][:num_real])))
+        refs = list(raw["references"][:num_real])
+        if "prompt_tokens" in raw:  # decoder-only: prompts and their lengths
+            enc = np.asarray(raw["prompt_tokens"], np.int32).copy()
+            lengths = np.asarray(raw["prompt_lengths"], np.int32).copy()
+            enc[num_real:] = 0
+            lengths[num_real:] = 1  # padding rows: a one-token prompt (discarded)
+            out.append(EvalBatch(enc, num_real, refs, lengths))
+        else:
+            enc = np.asarray(raw["encoder_input_tokens"], np.int32).copy()
+            enc[num_real:] = 0
+            out.append(EvalBatch(enc, num_real, refs))
         seen += num_real
     return out
 
@@ -153,16 +177,25 @@ def split_batches(
     max_input_length: int,
     max_target_length: int,
     limit: int | None,
+    config=None,
 ) -> list[EvalBatch]:
     """The first `limit` examples of a task's split (all when None), tokenized, in fixed batches.
 
-    Every example goes to this process (evaluation and calibration score whole splits).
+    Every example goes to this process (evaluation and calibration score whole splits). With a
+    decoder-only `config` the inputs become prompts ([BOS] when the model uses one, then the task
+    prefix and the input, at most `max_input_length` tokens) that the model continues.
     """
-    raw = eval_batches(
-        load_source(task, split, data_dir=data_dir), task, tokenizer, batch_size=batch_size,
-        max_input_length=max_input_length, max_target_length=max_target_length, shard_index=0,
-        shard_count=1,
-    )  # fmt: skip
+    source = load_source(task, split, data_dir=data_dir)
+    common = dict(
+        batch_size=batch_size, max_target_length=max_target_length, shard_index=0, shard_count=1
+    )
+    if config is not None and not isinstance(config, T5Config):
+        bos = default_bos_id(getattr(config, "bos_token_id", None), config.eos_token_id)
+        raw = lm_eval_batches(
+            source, task, tokenizer, max_prompt_length=max_input_length, bos_id=bos, **common
+        )
+    else:
+        raw = eval_batches(source, task, tokenizer, max_input_length=max_input_length, **common)
     return make_batches(raw, limit=limit)
 
 
@@ -170,12 +203,18 @@ def rebatch(batches: Sequence[EvalBatch], batch_size: int) -> list[EvalBatch]:
     """The same examples in batches of another size (the last one padded with zero rows)."""
     rows = [b.encoder_tokens_BS[i] for b in batches for i in range(b.num_real)]
     refs = [r for b in batches for r in b.references]
+    prompts = batches[0].prompt_lengths_B is not None if batches else False
+    lengths = [b.prompt_lengths_B[i] for b in batches for i in range(b.num_real)] if prompts else []
     out = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         enc = np.zeros((batch_size, rows[0].shape[0]), np.int32)
         enc[: len(chunk)] = np.stack(chunk)
-        out.append(EvalBatch(enc, len(chunk), refs[start : start + batch_size]))
+        batch_lengths = None
+        if prompts:
+            batch_lengths = np.ones((batch_size,), np.int32)
+            batch_lengths[: len(chunk)] = lengths[start : start + batch_size]
+        out.append(EvalBatch(enc, len(chunk), refs[start : start + batch_size], batch_lengths))
     return out
 
 
@@ -216,7 +255,10 @@ def run_decoder(
         return online.threshold if online is not None else choice.threshold
 
     start = time.perf_counter()
-    jax.block_until_ready(decoder(params, batches[0].encoder_tokens_BS, threshold_now(), **extra))
+    first = batches[0]
+    jax.block_until_ready(
+        decoder(params, first.encoder_tokens_BS, threshold_now(), **first.decode_kwargs, **extra)
+    )
     compile_s = time.perf_counter() - start
 
     run = DecoderRun(
@@ -232,7 +274,9 @@ def run_decoder(
         threshold = threshold_now()
         enc = jnp.asarray(batch.encoder_tokens_BS)
         t0 = time.perf_counter()
-        result = jax.block_until_ready(decoder(params, enc, threshold, **extra))
+        result = jax.block_until_ready(
+            decoder(params, enc, threshold, **batch.decode_kwargs, **extra)
+        )
         run.wall_s += time.perf_counter() - t0
         n = batch.num_real
         lengths = np.asarray(result.lengths)[:n]

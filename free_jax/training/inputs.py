@@ -68,7 +68,7 @@ def bos_id_for(model_config: ModelConfig, data: DataConfig) -> int | None:
     """The BOS put before decoder-only sequences (see `DataConfig.add_bos`)."""
     bos = getattr(model_config, "bos_token_id", None)
     if data.add_bos is None:
-        return bos if bos is not None and bos != model_config.eos_token_id else None
+        return data_lib.default_bos_id(bos, model_config.eos_token_id)
     if data.add_bos and bos is None:
         raise ValueError("DataConfig.add_bos=True but the model has no bos_token_id")
     return bos if data.add_bos else None

@@ -33,6 +33,7 @@ from flax import struct
 
 from free_jax import partitioning
 from free_jax.models import T5Config
+from free_jax.models.configs import config_from_json
 from free_jax.models.lm_config import LMConfig
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -190,18 +191,6 @@ def restore_checkpoint(manager, template: TrainState, step: int | None = None):
 # ---------------------------------------------------------------------------------------------
 # MODEL_DIR metadata for evaluation
 # ---------------------------------------------------------------------------------------------
-
-
-def config_from_json(text: str, source: str = "<json>") -> T5Config | LMConfig:
-    """The model config of a MODEL_DIR's config.json: an LMConfig when it names a "family", else
-    a T5Config (every T5 run directory written before decoder-only models existed).
-
-    >>> type(config_from_json(LMConfig().to_json())).__name__, type(config_from_json("{}")).__name__
-    ('LMConfig', 'T5Config')
-    """
-    if "family" in json.loads(text):
-        return LMConfig.from_json(text, source=source)
-    return T5Config.from_json(text, source=source)
 
 
 def write_run_files(model_dir, model_config: T5Config | LMConfig, run_info: dict) -> None:
