@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from free_jax.checkpoints.naming import check_against_config, flatten, to_params
+from free_jax.checkpoints.safetensors_io import read_config_json, read_hf_tensors
 from free_jax.models.config import T5Config
 
 _ATTN = {"q": "query", "k": "key", "v": "value", "o": "out"}
@@ -132,35 +133,6 @@ def _all_hf_names(config: T5Config) -> list[str]:
     return names
 
 
-def _read_safetensors(directory: Path) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
-
-    single = directory / "model.safetensors"
-    index = directory / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{index}: not a safetensors index (needs a 'weight_map'): {e}") from e
-        shards = sorted(set(weight_map.values()))
-        missing = [s for s in shards if not (directory / s).exists()]
-        if missing:
-            raise FileNotFoundError(f"{index} names shard(s) that are missing: {missing}")
-        tensors = {}
-        for shard in shards:
-            tensors.update(load_file(str(directory / shard)))
-        absent = sorted(set(weight_map) - set(tensors))
-        if absent:
-            raise ValueError(f"{index}: tensors listed but not found in the shards: {absent[:5]}")
-        return tensors
-    if single.exists():
-        return load_file(str(single))
-    raise FileNotFoundError(
-        f"{directory}: no model.safetensors or model.safetensors.index.json (free_jax reads "
-        "safetensors; convert a pytorch_model.bin with transformers' save_pretrained)"
-    )
-
-
 def resolve_hf_path(path_or_name: str) -> Path:
     """A local directory as is; otherwise a hub name downloaded with huggingface_hub."""
     local = Path(os.path.expanduser(path_or_name))
@@ -190,13 +162,7 @@ def resolve_hf_path(path_or_name: str) -> Path:
 
 
 def load_hf_config(directory: Path) -> T5Config:
-    config_path = directory / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{directory}: missing config.json")
-    try:
-        raw = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_path}: invalid JSON: {e}") from e
+    raw, config_path = read_config_json(directory)
     return T5Config.from_hf_dict(raw, source=str(config_path))
 
 
@@ -206,13 +172,7 @@ DECODER_ONLY_TYPES = ("llama", "gpt_neox", "gpt2")
 
 def model_type(directory: Path) -> str:
     """config.json's `model_type` ("t5" when absent, as in old T5 exports)."""
-    config_path = directory / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{directory}: missing config.json")
-    try:
-        raw = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_path}: invalid JSON: {e}") from e
+    raw, config_path = read_config_json(directory)
     kind = raw.get("model_type", "t5")
     if kind not in ("t5", "mt5", *DECODER_ONLY_TYPES):
         raise ValueError(
@@ -236,7 +196,7 @@ def load_hf(path_or_name: str, **config_overrides):
     config = load_hf_config(directory)
     if config_overrides:
         config = config.replace(**config_overrides)
-    flat = hf_to_flat(_read_safetensors(directory), config)
+    flat = hf_to_flat(read_hf_tensors(directory)[0], config)
     check_against_config(flat, config, source=str(directory))
     return config, to_params(flat, config)
 

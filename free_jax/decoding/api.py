@@ -53,7 +53,7 @@ from free_jax.decoding.specs import (
 )
 from free_jax.decoding.state import BeamResult, DecodeResult
 from free_jax.decoding.static import static_decode
-from free_jax.models.t5 import check_tokens
+from free_jax.models.protocol import check_tokens
 
 __all__ = ["METHODS", "Decoder", "DecoderSpec", "decode", "make_decoder"]
 

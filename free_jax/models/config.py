@@ -10,13 +10,13 @@ import dataclasses
 import json
 from typing import Any
 
-import jax.numpy as jnp
+from free_jax.models.exit_config import ExitConfig
 
 _ACTIVATIONS = ("relu", "gated-gelu", "gelu", "gated-relu", "gated-silu")
 
 
 @dataclasses.dataclass(frozen=True)
-class T5Config:
+class T5Config(ExitConfig):
     """Shapes and options of an encoder-decoder T5.
 
     Attributes:
@@ -84,33 +84,6 @@ class T5Config:
     @property
     def activation(self) -> str:
         return self.feed_forward_proj.removeprefix("gated-")
-
-    @property
-    def shallow_layer(self) -> int:
-        """FREE's S: the configured value, else round(L / 4) clipped into [1, L)."""
-        if self.shallow_exit_layer is not None:
-            return self.shallow_exit_layer
-        return max(1, min(self.num_decoder_layers - 1, round(self.num_decoder_layers / 4)))
-
-    @property
-    def compute_dtype(self):
-        return jnp.dtype(self.dtype)
-
-    @property
-    def weights_dtype(self):
-        return jnp.dtype(self.param_dtype)
-
-    def check_exit_layer(self, layer: int, what: str = "exit layer") -> None:
-        """Rejects an exit that is not a proper intermediate decoder layer."""
-        num_layers = self.num_decoder_layers
-        if not isinstance(layer, int) or not 1 <= layer < num_layers:
-            raise ValueError(
-                f"{what}={layer!r} is outside the valid range [1, {num_layers}) for a decoder with "
-                f"{num_layers} layers (the deep exit {num_layers} is always computed)"
-            )
-
-    def replace(self, **changes: Any) -> T5Config:
-        return dataclasses.replace(self, **changes)
 
     # ---------------------------------------------------------- Hugging Face
     @classmethod

@@ -34,8 +34,7 @@ from free_jax.models import attention as attn
 from free_jax.models.cache import DecoderCache, LayerCache
 from free_jax.models.lm_config import LMConfig, lm_preset
 from free_jax.models.lm_layers import INIT_STDDEV, DecoderBlock, dense, norm
-from free_jax.models.protocol import DecodeContext, register_family
-from free_jax.models.t5 import check_tokens
+from free_jax.models.protocol import DecodeContext, check_tokens, register_family
 
 # Prompt positions prefilled per pass: bounds the [B, H, C, T] score block of a long prompt.
 PREFILL_CHUNK = 256

@@ -17,8 +17,7 @@ import dataclasses
 import json
 from typing import Any
 
-import jax.numpy as jnp
-
+from free_jax.models.exit_config import ExitConfig
 from free_jax.models.rotary import LLAMA3_KEYS, normalise_llama3_scaling
 
 FAMILIES = ("llama", "gpt_neox", "gpt2")
@@ -38,7 +37,7 @@ _HF_ACTIVATIONS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class LMConfig:
+class LMConfig(ExitConfig):
     """Shapes and options of a decoder-only transformer with early exits.
 
     Attributes:
@@ -156,32 +155,6 @@ class LMConfig:
     def rotary_ndims(self) -> int:
         """How many leading dims of each query/key head rotate (NeoX: int(K * rotary_pct))."""
         return int(self.head_dim * self.rotary_pct)
-
-    @property
-    def shallow_layer(self) -> int:
-        """FREE's S: the configured value, else round(L / 4) clipped into [1, L)."""
-        if self.shallow_exit_layer is not None:
-            return self.shallow_exit_layer
-        return max(1, min(self.num_layers - 1, round(self.num_layers / 4)))
-
-    @property
-    def compute_dtype(self):
-        return jnp.dtype(self.dtype)
-
-    @property
-    def weights_dtype(self):
-        return jnp.dtype(self.param_dtype)
-
-    def check_exit_layer(self, layer: int, what: str = "exit layer") -> None:
-        """Rejects an exit that is not a proper intermediate layer."""
-        if not isinstance(layer, int) or not 1 <= layer < self.num_layers:
-            raise ValueError(
-                f"{what}={layer!r} is outside the valid range [1, {self.num_layers}) for a decoder "
-                f"with {self.num_layers} layers (the deep exit {self.num_layers} is always computed)"
-            )
-
-    def replace(self, **changes: Any) -> LMConfig:
-        return dataclasses.replace(self, **changes)
 
     # ---------------------------------------------------------- Hugging Face
     @classmethod

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import jax
+import numpy as np
 from flax import struct
 
 from free_jax.models.cache import DecoderCache
@@ -82,6 +83,20 @@ class DecodingModel(Protocol):
     def layer_kv(
         self, hidden_BCD: jax.Array, layer: int, offset_B: jax.Array
     ) -> tuple[jax.Array, jax.Array]: ...
+
+
+def check_tokens(tokens, vocab_size: int, name: str) -> None:
+    """Raises before any compute when concrete token ids fall outside [0, vocab_size)."""
+    if isinstance(tokens, jax.core.Tracer):
+        return
+    arr = np.asarray(tokens)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"{name} must hold integer token ids, got dtype {arr.dtype}")
+    if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
+        raise ValueError(
+            f"{name} holds token ids outside the vocabulary [0, {vocab_size}): "
+            f"min {int(arr.min())}, max {int(arr.max())}"
+        )
 
 
 # ============================================================ registry

@@ -32,7 +32,7 @@ from free_jax.models import attention as attn
 from free_jax.models.cache import CrossKV, DecoderCache, init_cache
 from free_jax.models.config import T5Config
 from free_jax.models.layers import DecoderLayer, Dense, EncoderLayer, RMSNorm
-from free_jax.models.protocol import DecodeContext, register_family
+from free_jax.models.protocol import DecodeContext, check_tokens, register_family
 
 
 @struct.dataclass
@@ -64,20 +64,6 @@ class T5Output:
     exit_logits: dict[int, jax.Array]
     decoder_hidden: tuple[jax.Array, ...]
     encoded: jax.Array
-
-
-def check_tokens(tokens, vocab_size: int, name: str) -> None:
-    """Raises before any compute when concrete token ids fall outside [0, vocab_size)."""
-    if isinstance(tokens, jax.core.Tracer):
-        return
-    arr = np.asarray(tokens)
-    if not np.issubdtype(arr.dtype, np.integer):
-        raise TypeError(f"{name} must hold integer token ids, got dtype {arr.dtype}")
-    if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
-        raise ValueError(
-            f"{name} holds token ids outside the vocabulary [0, {vocab_size}): "
-            f"min {int(arr.min())}, max {int(arr.max())}"
-        )
 
 
 def _positions(length: int, batch: int) -> jax.Array:

@@ -127,3 +127,20 @@ def test_specs_differing_in_traced_values_share_a_compile():
     traced = a.trace_count
     assert np.asarray(b({}, INPUTS, 0.75).tokens)[0].tolist() == [2, 3, 4, 4, 5, 5, 5, 5]
     assert b.trace_count == traced
+
+
+def test_decoders_import_no_model_family():
+    """Decoders see models only through `models.protocol`: no decoding module imports a family."""
+    import ast
+    import pathlib
+
+    import free_jax.decoding
+
+    families = {"free_jax.models.t5", "free_jax.models.lm", "free_jax.models.config",
+                "free_jax.models.lm_config"}  # fmt: skip
+    for path in pathlib.Path(free_jax.decoding.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert node.module not in families, f"{path.name} imports {node.module}"
+                names = {alias.name for alias in node.names}
+                assert not names & {"T5", "T5Config", "DecoderLM", "LMConfig"}, path.name
