@@ -12,7 +12,8 @@ Models: `T5`, `T5Config`, `preset`; `DecoderLM`, `LMConfig`, `lm_preset`; `init_
 Checkpoints: `load_hf`, `save_hf`, `load_t5x`, `load_params`, `save_params`.
 Decoding: `decode`, `make_decoder` and the specs `GreedySpec`, `SampleSpec`, `BeamSpec`,
 `StaticSpec`, `CalmSpec`, `FreeSpec`.
-Thresholds: `fit_moments_threshold`, `fit_bmm_threshold`, `OnlineThreshold`, `load_threshold`.
+Thresholds: `fit_moments_threshold`, `fit_bmm_threshold`, `fit_ltt_threshold` (a finite-sample
+guarantee), `fit_target_accuracy_threshold`, `OnlineThreshold`, `load_threshold`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ _EXPORTS = {
         "CalmSpec", "FreeSpec",
     ),
     "free_jax.calibration": (
-        "fit_moments_threshold", "fit_bmm_threshold", "OnlineThreshold", "load_threshold",
+        "fit_moments_threshold", "fit_bmm_threshold", "fit_ltt_threshold",
+        "fit_target_accuracy_threshold", "OnlineThreshold", "load_threshold",
     ),
 }  # fmt: skip
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -2,12 +2,14 @@
 
     python -m free_jax.calibrate --gin_file=gin_configs/runs/calibrate.gin \\
         [--gin.CHECKPOINT=\\"path\\"] [--gin.calibrate.num_examples=300] \\
-        [--gin.FreeSpec.measure=...]
+        [--gin.FreeSpec.measure=...] [--gin.ESTIMATOR=\\"ltt\\" --gin.EPSILON=0.05 --gin.DELTA=0.1]
 
 Decodes the split with FREE (`calibrate.spec`, a `FreeSpec`: its shallow layer, window and measure
 are the ones the threshold is for) at a threshold no token passes, so the deep layers verify every
 position and each yields an unbiased (shallow confidence, shallow == deep) record; fits the chosen
-estimator; writes threshold.json (value, interval, estimator, counts) and calibration.png.
+estimator (a name in `calibration.ESTIMATORS`: "svi", "nuts", "moments" read ZETA, "ltt" EPSILON and
+DELTA, "target_accuracy" TARGET); writes threshold.json (value, interval, estimator, counts, and for
+"ltt" the tested grid's p-values) and calibration.png.
 """
 
 from __future__ import annotations
@@ -21,22 +23,13 @@ import gin
 import numpy as np
 
 from free_jax import gin_configurables  # noqa: F401  (registers the specs calibrate.gin binds)
-from free_jax.calibration import (
-    fit_bmm_threshold,
-    fit_moments_threshold,
-    plot_calibration,
-    save_threshold,
-)
+from free_jax.calibration import NEVER_EXIT, plot_calibration, resolve_estimator, save_threshold
 from free_jax.data import get_task
 from free_jax.decoding.specs import FreeSpec
 from free_jax.evaluation import DecoderChoice, EvalSettings, run_decoder
 from free_jax.evaluation.runner import split_batches
 from free_jax.loading import describe_config, load_confidence_head, load_model_and_tokenizer
 from free_jax.train import parse_flags, parse_gin
-
-# A token exits only when its confidence is strictly above the threshold: at infinity nothing exits
-# and every position is verified, whatever the measure (a float32 cosine can round above 1).
-NEVER_EXIT = float("inf")
 
 
 def collect_records(
@@ -56,14 +49,6 @@ def collect_records(
     return run.records_confidence, run.records_agree
 
 
-def fit(confidences, agree, estimator: str, zeta: float, seed: int = 0):
-    if estimator == "moments":
-        return fit_moments_threshold(confidences, agree, zeta=zeta)
-    if estimator in ("svi", "nuts"):
-        return fit_bmm_threshold(confidences, agree, zeta=zeta, method=estimator, seed=seed)
-    raise ValueError(f"calibrate.estimator={estimator!r}; expected 'svi', 'nuts' or 'moments'")
-
-
 @gin.configurable(module="free_jax")
 def calibrate(
     checkpoint: str = gin.REQUIRED,
@@ -76,6 +61,9 @@ def calibrate(
     tokenizer: str | None = None,
     estimator: str = "svi",
     zeta: float = 0.4,
+    epsilon: float = 0.05,
+    delta: float = 0.1,
+    target: float = 0.95,
     out: str | None = None,
     settings: EvalSettings | None = None,
     spec: FreeSpec | None = None,
@@ -85,9 +73,15 @@ def calibrate(
     """Decodes, fits and writes `threshold.json`; returns the `ThresholdResult`.
 
     `spec`: the FREE decoder whose threshold is fitted (None: `FreeSpec()`); `confidence_head`: a
-    file from `loading.save_confidence_head`, for `FreeSpec.measure = 'learned'`.
+    file from `loading.save_confidence_head`, for `FreeSpec.measure = 'learned'`. Each estimator
+    reads its own levels: zeta ("svi", "nuts", "moments"), epsilon and delta ("ltt"), target
+    ("target_accuracy").
     """
     settings = settings or EvalSettings()
+    # Resolved first, so that an unknown name or a missing level fails before the decoding does.
+    fit = resolve_estimator(
+        estimator, zeta=zeta, epsilon=epsilon, delta=delta, target=target, seed=0
+    )
     config, params, tok = load_model_and_tokenizer(
         checkpoint, tokenizer, flag="calibrate.tokenizer"
     )
@@ -103,12 +97,14 @@ def calibrate(
         config, params, batches, settings, spec, confidence_params=head, progress=progress
     )
     start = time.perf_counter()
-    result = fit(conf, agree, estimator, zeta)
+    result = fit(conf, agree)
     fit_s = time.perf_counter() - start
     out_path = Path(out or Path(checkpoint) / "threshold.json")
     save_threshold(out_path, result)
     plot = plot_calibration(result, conf, agree, out_path.with_name("calibration.png"))
     interval = f", interval {result.interval}" if result.interval else ""
+    if result.epsilon is not None:
+        interval += f", risk <= {result.epsilon:g} with probability >= {1 - result.delta:g}"
     print(
         f"{estimator}: threshold {result.threshold:.4f}{interval} from {len(conf)} records "
         f"({int(np.sum(agree))} agree) in {fit_s:.2f}s\nwrote {out_path} and {plot}"

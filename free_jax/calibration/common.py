@@ -45,6 +45,13 @@ FALLBACK_THRESHOLD = 0.9
 # Fewer valid pairs than this is treated as "not enough data to fit" (a warning and the fallback).
 MIN_POINTS = 10
 
+# The threshold at which no token exits: a token leaves at the shallow layer only when its confidence
+# is strictly above the threshold, and nothing is above infinity, whatever the measure (a float32
+# cosine can round above 1, so 1.0 would not do). The estimators that promise a level (Learn-then-Test,
+# target accuracy) return it when they cannot meet the level: never a guess. threshold.json writes
+# it as the string "inf".
+NEVER_EXIT = math.inf
+
 
 class CalibrationWarning(UserWarning):
     """Degenerate calibration data: NaNs dropped, or a fallback threshold used."""
@@ -53,7 +60,7 @@ class CalibrationWarning(UserWarning):
 # -------------------------------------------------------------------- input checks
 @dataclasses.dataclass(frozen=True)
 class CleanData:
-    """Validated pairs. conf_N is clipped into [EPS, 1 - EPS]; agree_N is bool."""
+    """Validated pairs. conf_N is clipped into [EPS, 1 - EPS] (unless `clip=False`); agree_N is bool."""
 
     conf_N: np.ndarray
     agree_N: np.ndarray
@@ -87,18 +94,15 @@ def check_fallback(fallback_threshold: float) -> float:
     return v
 
 
-def clean_inputs(confidences: Any, agree: Any, *, stacklevel: int = 3) -> CleanData:
-    """Validates and flattens (confidences, agree); drops NaN pairs with a warning.
+def check_arrays(confidences: Any, agree: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validates (confidences, agree) and keeps their common shape.
 
-    Both arguments may have any shape as long as the shapes are equal (e.g. [B, T] records); they
-    are flattened together. `agree` may be bool, or numbers that are 0/1 (or NaN, dropped).
+    Returns (conf float64, agree bool, nan bool): `nan` marks entries whose confidence or label is
+    NaN (their `conf` / `agree` values are meaningless). Raises ValueError naming the argument for
+    mismatched shapes, confidences outside [0, 1] or labels other than 0/1.
 
-    >>> import warnings
-    >>> with warnings.catch_warnings():
-    ...     warnings.simplefilter("ignore")      # "dropped 1 of 3 ... pairs containing NaN"
-    ...     d = clean_inputs([0.0, 0.5, float("nan")], [1, 0, 1])
-    >>> d.conf_N, d.agree_N, d.n_dropped
-    (array([1.e-04, 5.e-01]), array([ True, False]), 1)
+    >>> check_arrays([[0.2, float("nan")]], [[1, 0]])
+    (array([[0.2, nan]]), array([[ True, False]]), array([[False,  True]]))
     """
     try:
         conf = np.asarray(confidences, dtype=np.float64)
@@ -114,29 +118,45 @@ def clean_inputs(confidences: Any, agree: Any, *, stacklevel: int = 3) -> CleanD
             f"confidences and agree must have the same shape, got confidences {conf.shape} "
             f"and agree {lab.shape}"
         )
-    conf = conf.reshape(-1)
-    lab = lab.reshape(-1)
     bad = ~np.isnan(conf) & ((conf < 0.0) | (conf > 1.0))
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise ValueError(
             f"confidences must lie in [0, 1]; {int(bad.sum())} value(s) outside, first at flat "
-            f"index {i}: {conf[i]!r}"
+            f"index {i}: {conf.reshape(-1)[i]!r}"
         )
     if lab.dtype == np.bool_:
-        lab_nan = np.zeros(lab.shape, bool)
-        lab_bool = lab
-    else:
-        lab_nan = np.isnan(lab)
-        bad = ~lab_nan & (lab != 0.0) & (lab != 1.0)
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise ValueError(
-                f"agree must be booleans or 0/1; {int(bad.sum())} value(s) are not, first at flat "
-                f"index {i}: {lab[i]!r}"
-            )
-        lab_bool = lab == 1.0
-    drop = np.isnan(conf) | lab_nan
+        return conf, lab, np.isnan(conf)
+    lab_nan = np.isnan(lab)
+    bad = ~lab_nan & (lab != 0.0) & (lab != 1.0)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"agree must be booleans or 0/1; {int(bad.sum())} value(s) are not, first at flat "
+            f"index {i}: {lab.reshape(-1)[i]!r}"
+        )
+    return conf, lab == 1.0, np.isnan(conf) | lab_nan
+
+
+def clean_inputs(
+    confidences: Any, agree: Any, *, clip: bool = True, stacklevel: int = 3
+) -> CleanData:
+    """Validates and flattens (confidences, agree); drops NaN pairs with a warning.
+
+    Both arguments may have any shape as long as the shapes are equal (e.g. [B, T] records); they
+    are flattened together. `agree` may be bool, or numbers that are 0/1 (or NaN, dropped).
+    `clip=False` keeps the confidences as given (the estimators that count `conf > threshold`
+    exactly, as the decoder does, must not move a 0 or a 1).
+
+    >>> import warnings
+    >>> with warnings.catch_warnings():
+    ...     warnings.simplefilter("ignore")      # "dropped 1 of 3 ... pairs containing NaN"
+    ...     d = clean_inputs([0.0, 0.5, float("nan")], [1, 0, 1])
+    >>> d.conf_N, d.agree_N, d.n_dropped
+    (array([1.e-04, 5.e-01]), array([ True, False]), 1)
+    """
+    conf, lab, drop = check_arrays(confidences, agree)
+    conf, lab, drop = conf.reshape(-1), lab.reshape(-1), drop.reshape(-1)
     n_dropped = int(drop.sum())
     if n_dropped:
         warnings.warn(
@@ -145,9 +165,8 @@ def clean_inputs(confidences: Any, agree: Any, *, stacklevel: int = 3) -> CleanD
             stacklevel=stacklevel,
         )
     keep = ~drop
-    return CleanData(
-        conf_N=np.clip(conf[keep], EPS, 1.0 - EPS), agree_N=lab_bool[keep], n_dropped=n_dropped
-    )
+    conf = np.clip(conf[keep], EPS, 1.0 - EPS) if clip else conf[keep]
+    return CleanData(conf_N=conf, agree_N=lab[keep], n_dropped=n_dropped)
 
 
 def degenerate_reason(data: CleanData, min_points: int = MIN_POINTS) -> str | None:
@@ -178,15 +197,21 @@ def fallback_result(
     reason: str,
     data: CleanData,
     *,
-    zeta: float,
+    zeta: float | None,
     fallback_threshold: float,
     with_interval: bool,
     seed: int | None = None,
     stacklevel: int = 3,
+    **fields: Any,
 ) -> ThresholdResult:
-    """A fallback result, announced with a CalibrationWarning."""
+    """A fallback result, announced with a CalibrationWarning; `fields` go to ThresholdResult."""
+    what = (
+        "returning the never-exit threshold"
+        if fallback_threshold == NEVER_EXIT
+        else "using the fallback threshold"
+    )
     warnings.warn(
-        f"{estimator}: {reason}; using the fallback threshold {fallback_threshold}",
+        f"{estimator}: {reason}; {what} {fallback_threshold}",
         CalibrationWarning,
         stacklevel=stacklevel,
     )
@@ -203,6 +228,7 @@ def fallback_result(
         fallback=True,
         fallback_reason=reason,
         seed=seed,
+        **fields,
     )
 
 

@@ -27,24 +27,19 @@ Rules:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from free_jax.calibration.bmm import fit_bmm_threshold
 from free_jax.calibration.common import (
     FALLBACK_THRESHOLD,
     CalibrationWarning,
     check_fallback,
     clean_inputs,
 )
-from free_jax.calibration.moments import fit_moments_threshold
+from free_jax.calibration.estimators import FitFn, resolve_estimator
 from free_jax.calibration.result import ThresholdResult
-
-FitFn = Callable[..., ThresholdResult]
 
 # FREE refits for the first 300 examples (bmm_update_max_iter).
 PAPER_MAX_REFITS = 300
@@ -74,27 +69,20 @@ class RefitRecord:
     reason: str | None
 
 
-def _resolve(estimator: str | FitFn, zeta: float, fit_kwargs: dict[str, Any]) -> FitFn:
-    if callable(estimator):
-        return functools.partial(estimator, zeta=zeta, **fit_kwargs)
-    if estimator == "moments":
-        return functools.partial(fit_moments_threshold, zeta=zeta, **fit_kwargs)
-    if estimator in ("svi", "nuts"):
-        return functools.partial(fit_bmm_threshold, zeta=zeta, method=estimator, **fit_kwargs)
-    raise ValueError(f"estimator must be 'moments', 'svi', 'nuts' or a callable, got {estimator!r}")
-
-
 class OnlineThreshold:
     """Refits a threshold from streaming agreement records, then freezes.
 
     Args:
-      estimator: "moments" (FREE's closed form, the paper's choice), "svi", "nuts", or a callable
+      estimator: a name in `estimators.ESTIMATORS` ("moments", FREE's closed form and the paper's
+        choice; "svi", "nuts"; "ltt" and "target_accuracy" with their levels in `fit_kwargs`,
+        though refitted online "ltt" carries no certificate), or a callable
         `(confidences, agree, zeta=...) -> ThresholdResult`.
       initial_threshold: in force until the first successful fit (FREE: the static threshold).
       max_refits: freeze after this many refits (paper: 300, one per example).
       max_examples: also freeze once this many examples were seen (None: no such cap).
       zeta: passed to the estimator.
-      fit_kwargs: extra keyword arguments for the estimator (e.g. {"seed": 1, "svi_steps": 1000}).
+      fit_kwargs: extra keyword arguments for the estimator (e.g. {"seed": 1, "svi_steps": 1000},
+        {"epsilon": 0.05, "delta": 0.1}).
 
     Example:
       >>> online = OnlineThreshold("moments", initial_threshold=0.8, max_refits=2)
@@ -120,7 +108,7 @@ class OnlineThreshold:
             raise ValueError(f"max_refits must be >= 0, got {max_refits!r}")
         if max_examples is not None and max_examples < 0:
             raise ValueError(f"max_examples must be >= 0 or None, got {max_examples!r}")
-        self._fit = _resolve(estimator, zeta, dict(fit_kwargs or {}))
+        self._fit = resolve_estimator(estimator, zeta=zeta, **dict(fit_kwargs or {}))
         self._threshold = check_fallback(initial_threshold)
         self.initial_threshold = self._threshold
         self.max_refits = int(max_refits)

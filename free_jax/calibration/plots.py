@@ -2,7 +2,9 @@
 
 Top panel: density histograms of the confidences of agreeing and disagreeing tokens, with the
 fitted Beta densities. Bottom panel: the posterior P(agree | c) the threshold was read from, the
-level zeta, the threshold, and (Beta mixture only) the posterior interval shaded.
+level zeta, the threshold, and (Beta mixture only) the posterior interval shaded; for Learn-then-Test
+the empirical risk on the tested grid and epsilon; for target accuracy the accuracy of the exiting
+tokens against the threshold and the target. A never-exit threshold (inf) draws no line.
 
 Drawn with matplotlib's object API on an Agg canvas (no pyplot, no global backend switch), so it is
 safe in tests, servers and notebooks alike.
@@ -24,6 +26,7 @@ from free_jax.calibration.common import (
     clean_inputs,
 )
 from free_jax.calibration.result import ThresholdResult
+from free_jax.calibration.target import exit_accuracy
 
 _AGREE_COLOR = "tab:blue"
 _DISAGREE_COLOR = "tab:red"
@@ -83,8 +86,26 @@ def plot_calibration(
         ax_h.set_ylim(0.0, 1.3 * max(heights))
     ax_h.legend(fontsize=8, loc="upper left")
 
-    # ---------------------------------------------------------------- posterior P(agree | c)
-    if result.curve_c:
+    # ---------------------------------------------------------------- what the threshold was read from
+    ylabel = "P(agree | c)"
+    if result.epsilon is not None:
+        ylabel = "empirical risk" if result.estimator == "ltt" else f"{result.estimator} risk"
+        if result.tested_thresholds:
+            ax_p.step(
+                result.tested_thresholds, result.tested_risks, where="post", color="black",
+                lw=2, label="empirical risk, tested grid",
+            )  # fmt: skip
+        ax_p.axhline(result.epsilon, color="gray", ls=":", label=f"epsilon = {result.epsilon:g}")
+        top = max([2.0 * result.epsilon, *result.tested_risks])
+        ax_p.set_ylim(0.0, 1.1 * top)
+    elif result.target is not None:
+        ylabel = "accuracy of exiting tokens"
+        grid = np.linspace(0.0, 1.0, 401)
+        exiting, agreeing = exit_accuracy(data.conf_N, data.agree_N, grid)
+        some = exiting > 0
+        ax_p.plot(grid[some], agreeing[some] / exiting[some], color="black", lw=2, label=ylabel)
+        ax_p.axhline(result.target, color="gray", ls=":", label=f"target = {result.target:g}")
+    elif result.curve_c:
         ax_p.plot(result.curve_c, result.curve_p, color="black", lw=2, label="P(agree | c)")
     elif result.agree is not None and result.disagree is not None:
         w = 0.5 if result.agree_weight is None else result.agree_weight
@@ -95,7 +116,8 @@ def plot_calibration(
             lw=2,
             label="P(agree | c)",
         )
-    ax_p.axhline(result.zeta, color="gray", ls=":", label=f"zeta = {result.zeta:g}")
+    if result.zeta is not None:
+        ax_p.axhline(result.zeta, color="gray", ls=":", label=f"zeta = {result.zeta:g}")
     if result.interval is not None:
         lo, hi = result.interval
         mass = "" if result.interval_mass is None else f"{100 * result.interval_mass:.0f}% "
@@ -107,20 +129,23 @@ def plot_calibration(
                 alpha=0.2,
                 label=f"{mass}interval [{lo:.3f}, {hi:.3f}]" if ax is ax_p else None,
             )
-    for ax in (ax_h, ax_p):
+    for ax in (ax_h, ax_p) if not result.never_exit else ():
         ax.axvline(
             result.threshold,
             color="orange",
             lw=2,
             label=f"threshold {result.threshold:.3f}" if ax is ax_p else None,
         )
-    ax_p.set_ylim(-0.02, 1.02)
+    if result.epsilon is None:
+        ax_p.set_ylim(-0.02, 1.02)
     ax_p.set_xlim(0.0, 1.0)
-    ax_p.set_xlabel("shallow confidence c")
-    ax_p.set_ylabel("P(agree | c)")
+    ax_p.set_xlabel("shallow confidence c" if result.estimator != "ltt-sequence" else "threshold")
+    ax_p.set_ylabel(ylabel)
     ax_p.legend(fontsize=8, loc="lower right")
 
     head = title or f"{result.estimator}: threshold {result.threshold:.3f} (n={result.n})"
+    if title is None and result.epsilon is not None:
+        head += f", epsilon {result.epsilon:g}, delta {result.delta:g}"
     if result.fallback:
         head += f"\nFALLBACK: {result.fallback_reason}"
     ax_h.set_title(head, fontsize=10)

@@ -3,6 +3,12 @@
 `calibrate` writes one with `save_threshold`; `evaluate` and `generate` read it with
 `load_threshold`. A malformed file raises `ThresholdFileError` naming the file and the field, so a
 hand-edited or truncated threshold.json never silently becomes a threshold.
+
+Layout (v2; v1 files, written before the Learn-then-Test and target-accuracy estimators, still
+load): "threshold" is a number in [0, 1] or the string "inf" (never exit: no confidence is strictly
+above it; strict JSON has no infinity); "zeta" and "target" are the level the threshold was read at,
+null where the estimator has none; "guarantee" is null or, for Learn-then-Test, {"epsilon", "delta",
+"pvalue", "tested": {"threshold": [...], "pvalue": [...], "risk": [...]}}.
 """
 
 from __future__ import annotations
@@ -13,8 +19,10 @@ import math
 import os
 from typing import Any
 
-# Bumped when the threshold.json layout changes; load_threshold refuses other versions.
-JSON_FORMAT = "free_jax.threshold/v1"
+# Bumped when the threshold.json layout changes; load_threshold refuses versions it does not know.
+JSON_FORMAT = "free_jax.threshold/v2"
+# v1 lacks "target" and "guarantee" and has a finite threshold and zeta; it reads as v2 with nulls.
+READABLE_FORMATS = ("free_jax.threshold/v1", JSON_FORMAT)
 
 
 class ThresholdFileError(ValueError):
@@ -38,9 +46,12 @@ class ThresholdResult:
     """One calibrated threshold and how it was obtained.
 
     Attributes:
-      threshold: what the decoder should use (exit at the shallow layer when `conf > threshold`).
-      estimator: "moments" (FREE's closed form), "bmm-svi" or "bmm-nuts" (NumPyro Beta mixture).
-      zeta: the posterior-probability level the threshold was read at.
+      threshold: what the decoder should use (exit at the shallow layer when `conf > threshold`);
+        `math.inf` (NEVER_EXIT) when nothing may exit.
+      estimator: "moments" (FREE's closed form), "bmm-svi" or "bmm-nuts" (NumPyro Beta mixture),
+        "ltt" or "ltt-sequence" (Learn-then-Test), "target_accuracy".
+      zeta: the posterior-probability level the threshold was read at (None for the estimators
+        that read no posterior: "ltt", "ltt-sequence", "target_accuracy").
       n, n_agree, n_disagree: valid pairs used (after dropping NaNs) and their split by label.
       n_dropped: pairs dropped because the confidence or the label was NaN.
       interval: (lo, hi) posterior interval of the threshold holding `interval_mass` of the mass
@@ -56,11 +67,18 @@ class ThresholdResult:
         [0, 1] (empty on a fallback); kept so plots and reports show exactly what was used.
       seed: PRNG seed of a stochastic fit (None for "moments").
       notes: anything else a reader of the result should know (e.g. swapped components).
+      target: "target_accuracy" only: the share of exiting calibration tokens that must agree.
+      epsilon, delta: Learn-then-Test only: with probability >= 1 - delta over the calibration
+        draw, the risk at `threshold` is <= epsilon (see ltt.py for which risk).
+      pvalue: Learn-then-Test only: "binomial" (exact tail) or "hoeffding_bentkus".
+      tested_thresholds, tested_pvalues, tested_risks: Learn-then-Test only: the grid thresholds in
+        the order tested (strictest first), each one's p-value and empirical risk, up to and
+        including the first that was not rejected (the last entry, unless all were rejected).
     """
 
     threshold: float
     estimator: str
-    zeta: float
+    zeta: float | None
     n: int
     n_agree: int
     n_disagree: int
@@ -76,6 +94,18 @@ class ThresholdResult:
     curve_p: tuple[float, ...] = ()
     seed: int | None = None
     notes: tuple[str, ...] = ()
+    target: float | None = None
+    epsilon: float | None = None
+    delta: float | None = None
+    pvalue: str | None = None
+    tested_thresholds: tuple[float, ...] = ()
+    tested_pvalues: tuple[float, ...] = ()
+    tested_risks: tuple[float, ...] = ()
+
+    @property
+    def never_exit(self) -> bool:
+        """True when no token can exit (threshold infinite)."""
+        return self.threshold == math.inf
 
     # ---------------------------------------------------------------- JSON
     def to_dict(self) -> dict[str, Any]:
@@ -84,13 +114,27 @@ class ThresholdResult:
         def params(p: BetaParams | None):
             return None if p is None else {"alpha": p.alpha, "beta": p.beta}
 
+        guarantee = None
+        if self.epsilon is not None or self.delta is not None:
+            guarantee = {
+                "epsilon": self.epsilon,
+                "delta": self.delta,
+                "pvalue": self.pvalue,
+                "tested": {
+                    "threshold": list(self.tested_thresholds),
+                    "pvalue": list(self.tested_pvalues),
+                    "risk": list(self.tested_risks),
+                },
+            }
         return {
             "format": JSON_FORMAT,
-            "threshold": self.threshold,
+            "threshold": "inf" if self.never_exit else self.threshold,
             "interval": None if self.interval is None else list(self.interval),
             "interval_mass": self.interval_mass,
             "estimator": self.estimator,
             "zeta": self.zeta,
+            "target": self.target,
+            "guarantee": guarantee,
             "counts": {
                 "n": self.n,
                 "n_agree": self.n_agree,
@@ -209,8 +253,10 @@ def _parse_result(d: Any, source: str) -> ThresholdResult:
     if not isinstance(d, dict):
         raise ThresholdFileError(f"{source}: expected a JSON object, got {type(d).__name__}")
     fmt = _field(d, "format", source)
-    if fmt != JSON_FORMAT:
-        raise ThresholdFileError(f"{source}: field 'format' must be {JSON_FORMAT!r}, got {fmt!r}")
+    if fmt not in READABLE_FORMATS:
+        raise ThresholdFileError(
+            f"{source}: field 'format' must be one of {READABLE_FORMATS!r}, got {fmt!r}"
+        )
     estimator = _field(d, "estimator", source)
     if not isinstance(estimator, str):
         raise ThresholdFileError(f"{source}: field 'estimator' must be a string, got {estimator!r}")
@@ -238,10 +284,19 @@ def _parse_result(d: Any, source: str) -> ThresholdResult:
     curve_p = _as_floats(_field(d, "curve.p", source, optional=True) or [], "curve.p", source)
     if len(curve_c) != len(curve_p):
         raise ThresholdFileError(f"{source}: fields 'curve.c' and 'curve.p' differ in length")
+    threshold = _field(d, "threshold", source)
+    if threshold == "inf":
+        threshold = math.inf
+    elif isinstance(threshold, str):
+        raise ThresholdFileError(
+            f"{source}: field 'threshold' must be a finite number or \"inf\", got {threshold!r}"
+        )
+    else:
+        threshold = _as_float(threshold, "threshold", source, lo=0.0, hi=1.0)
     return ThresholdResult(
-        threshold=_as_float(_field(d, "threshold", source), "threshold", source, lo=0.0, hi=1.0),
+        threshold=threshold,
         estimator=estimator,
-        zeta=_as_float(_field(d, "zeta", source), "zeta", source, lo=0.0, hi=1.0),
+        zeta=_as_float(_field(d, "zeta", source), "zeta", source, lo=0.0, hi=1.0, allow_none=True),
         n=_as_int(_field(d, "counts.n", source), "counts.n", source),
         n_agree=_as_int(_field(d, "counts.n_agree", source), "counts.n_agree", source),
         n_disagree=_as_int(_field(d, "counts.n_disagree", source), "counts.n_disagree", source),
@@ -275,4 +330,52 @@ def _parse_result(d: Any, source: str) -> ThresholdResult:
         curve_p=curve_p,
         seed=_as_int(_field(d, "seed", source, optional=True), "seed", source, allow_none=True),
         notes=tuple(notes),
+        target=_as_float(
+            _field(d, "target", source, optional=True),
+            "target",
+            source,
+            lo=0.0,
+            hi=1.0,
+            allow_none=True,
+        ),
+        **_parse_guarantee(_field(d, "guarantee", source, optional=True), source),
     )
+
+
+def _parse_guarantee(g: Any, source: str) -> dict[str, Any]:
+    """The Learn-then-Test fields of ThresholdResult from the "guarantee" block (None: absent)."""
+    if g is None:
+        return {}
+    if not isinstance(g, dict):
+        raise ThresholdFileError(
+            f"{source}: field 'guarantee' must be an object or null, got {g!r}"
+        )
+    pvalue = g.get("pvalue")
+    if pvalue is not None and not isinstance(pvalue, str):
+        raise ThresholdFileError(
+            f"{source}: field 'guarantee.pvalue' must be a string, got {pvalue!r}"
+        )
+    tested = {}
+    for key in ("threshold", "pvalue", "risk"):
+        dotted = f"guarantee.tested.{key}"
+        values = _field({"guarantee": g}, dotted, source, optional=True)
+        values = _as_floats(values or [], dotted, source)
+        if any(not 0.0 <= v <= 1.0 for v in values):
+            raise ThresholdFileError(f"{source}: field '{dotted}' must hold numbers in [0, 1]")
+        tested[key] = values
+    if len({len(v) for v in tested.values()}) > 1:
+        raise ThresholdFileError(
+            f"{source}: fields 'guarantee.tested.threshold', '.pvalue' and '.risk' differ in length"
+        )
+    level = {}
+    for key in ("epsilon", "delta"):
+        level[key] = _as_float(
+            g.get(key), f"guarantee.{key}", source, lo=0.0, hi=1.0, allow_none=True
+        )
+    return {
+        **level,
+        "pvalue": pvalue,
+        "tested_thresholds": tested["threshold"],
+        "tested_pvalues": tested["pvalue"],
+        "tested_risks": tested["risk"],
+    }
