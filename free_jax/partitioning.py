@@ -74,6 +74,7 @@ PARAM_AXES: tuple[tuple[str, tuple[str, ...]], ...] = (
     (r"mlp/wi(_\d)?/kernel$", ("embed", "mlp")),
     (r"mlp/wo/kernel$", ("mlp", "embed")),
     (r"logits_dense/kernel$", ("embed", "vocab")),
+    (r"head_\d+/kernel$", ("embed", "vocab")),  # exit heads (models/exit_heads.py)
     (r"relpos_bias/rel_embedding$", ("heads", "relpos_buckets")),
     (r"scale$", ("embed",)),
 )

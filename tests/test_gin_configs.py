@@ -84,6 +84,7 @@ RUN_ENTRY = {
     "runs/train_scratch.gin": "train", "runs/finetune.gin": "train", "runs/demo_cpu.gin": "train",
     "runs/smoke_cpu.gin": "train", "runs/sharded_smoke_cpu.gin": "train",
     "runs/lm_scratch_cpu.gin": "train", "runs/finetune_lm_lora.gin": "train",
+    "runs/exit_heads.gin": "train",
 }  # fmt: skip
 
 
@@ -147,8 +148,10 @@ def test_training_run_files_bind_every_argument(path, captured):
         assert model is None and config.initial_checkpoint == "/tmp/no_checkpoint"
     else:
         assert isinstance(model, T5Config | LMConfig)
-    # Decoder-only models train on a decoder-only format, T5s on 'seq2seq'.
-    assert data.decoder_only == (isinstance(model, LMConfig) or "_lm_" in path)
+    # Decoder-only models train on a decoder-only format, T5s on 'seq2seq'; exit heads train on
+    # text (decoder-only by default).
+    decoder_only_run = "_lm_" in path or path == "runs/exit_heads.gin"
+    assert data.decoder_only == (isinstance(model, LMConfig) or decoder_only_run)
 
 
 def test_lm_lora_finetune_is_the_papers_llm_setting(captured):

@@ -11,6 +11,9 @@ Measures (the `measure` names decoders accept):
   "learned"         a small classifier on the exit's normalised hidden state that predicts
                     "this exit agrees with the deep exit" (`ConfidenceHead`, trained by
                     `free_jax.training.confidence_head`); the confidence is P(agree).
+  "entropy"         1 - H(softmax) / log(V): the exit's entropy (Valade 2024's measure for
+                    self-supervised exit heads), normalised so that 1 is a one-hot distribution
+                    and 0 the uniform one; higher is more confident, like every measure here.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-MEASURES = ("softmax_margin", "softmax_max", "hidden_cosine", "learned")
+MEASURES = ("softmax_margin", "softmax_max", "hidden_cosine", "learned", "entropy")
 
 
 def check_measure(measure: str) -> None:
@@ -55,6 +58,24 @@ def softmax_max(logits_BV: jax.Array) -> jax.Array:
     """[B] softmax top-1 probability."""
     logits_BV = logits_BV.astype(jnp.float32)
     return jnp.exp(jnp.max(logits_BV, axis=-1) - jax.nn.logsumexp(logits_BV, axis=-1))
+
+
+def normalized_entropy_confidence(logits_BV: jax.Array) -> jax.Array:
+    """[B] 1 - H(p) / log(V) of p = softmax(logits): 1 when one-hot, 0 when uniform.
+
+    Dividing by log(V) keeps thresholds in [0, 1] and comparable across vocabularies.
+
+    >>> conf = normalized_entropy_confidence(jnp.log(jnp.array([[0.25, 0.25, 0.25, 0.25],
+    ...                                                       [0.5, 0.5, 1e-30, 1e-30]])))
+    >>> [round(float(c), 4) for c in conf]   # uniform over 4; two of 4 tokens: 1 - log 2 / log 4
+    [0.0, 0.5]
+    """
+    logits_BV = logits_BV.astype(jnp.float32)
+    log_p_BV = jax.nn.log_softmax(logits_BV, axis=-1)
+    # p * log p with p = 0 is 0 (jnp.where keeps -inf logits from making NaN).
+    plogp_BV = jnp.where(log_p_BV > -jnp.inf, jnp.exp(log_p_BV) * log_p_BV, 0.0)
+    entropy_B = -jnp.sum(plogp_BV, axis=-1)
+    return 1.0 - entropy_B / jnp.log(jnp.float32(logits_BV.shape[-1]))
 
 
 def hidden_cosine(prev_hidden_BD: jax.Array, hidden_BD: jax.Array) -> jax.Array:
@@ -116,6 +137,8 @@ def exit_confidence(model, measure: str, hidden_BD, prev_hidden_BD=None, head_pa
         if head_params is None:
             raise ValueError("the 'learned' measure needs confidence_params (ConfidenceHead)")
         conf_B = learned_confidence(head_params, model.final_norm(hidden_BD))
+    elif measure == "entropy":
+        conf_B = normalized_entropy_confidence(logits_BV)
     else:
         check_measure(measure)
     return logits_BV, conf_B

@@ -16,6 +16,8 @@ from free_jax.training.losses import LossConfig
 from free_jax.training.optim import OptimizerConfig
 from free_jax.training.state import CheckpointConfig
 
+INITIAL_CHECKPOINT_FORMATS = ("auto", "hf", "t5x", "free_jax")
+
 
 class NonFiniteLossError(FloatingPointError):
     """Training produced NaN or inf; the message names the step and the last good checkpoint."""
@@ -92,10 +94,16 @@ class TrainConfig:
       log_every: write training metrics every N steps.
       loss, optimizer, checkpoint: see their classes.
       lora: fine-tune low-rank adapters only (None: train every parameter).
+      exit_heads: train self-supervised exit heads (`models.exit_heads`) on a frozen backbone:
+        a count n (heads spread evenly, `models.exit_heads.default_exit_head_layers`) or the
+        decoder layers themselves, e.g. (3, 6, 9). Goes with `LossConfig(kind="exit_heads")`;
+        only the heads train and MODEL_DIR/exit_heads.msgpack holds them.
       initial_checkpoint: start from these weights (a Hugging Face directory or hub name of a T5
-        or a decoder-only model, or a T5X checkpoint directory) instead of a random init. The model config then comes from the
-        checkpoint unless one is passed, which must match its shapes.
-      initial_checkpoint_format: "hf", "t5x" or "auto" (a directory with config.json is "hf").
+        or a decoder-only model, a T5X checkpoint directory, a free_jax export or a training
+        MODEL_DIR) instead of a random init. The model config then comes from the checkpoint
+        unless one is passed, which must match its shapes.
+      initial_checkpoint_format: "hf", "t5x", "free_jax" (an export of `checkpoints.save_params`
+        or a training MODEL_DIR) or "auto" (told apart by the files in the directory).
       eval_batch_size: batch size of validation losses and decodes.
       max_decode_length: greedy decode length at validation (None: max_target_length).
       progress_bar, tensorboard: outputs besides metrics.jsonl.
@@ -113,6 +121,7 @@ class TrainConfig:
     optimizer: OptimizerConfig = OptimizerConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     lora: LoraConfig | None = None
+    exit_heads: int | tuple[int, ...] | None = None
     initial_checkpoint: str | None = None
     initial_checkpoint_format: str = "auto"
     eval_batch_size: int = 64
@@ -124,11 +133,21 @@ class TrainConfig:
     def __post_init__(self):
         if self.train_steps < 1 or self.batch_size < 1:
             raise ValueError("train_steps and batch_size must be >= 1")
-        if self.initial_checkpoint_format not in ("auto", "hf", "t5x"):
+        if self.initial_checkpoint_format not in INITIAL_CHECKPOINT_FORMATS:
             raise ValueError(
                 f"initial_checkpoint_format={self.initial_checkpoint_format!r}; "
-                "expected 'auto', 'hf' or 't5x'"
+                f"expected one of {INITIAL_CHECKPOINT_FORMATS}"
             )
+        heads_loss = self.loss.kind == "exit_heads"
+        if (self.exit_heads is not None) != heads_loss:
+            raise ValueError(
+                "TrainConfig.exit_heads and LossConfig.kind='exit_heads' go together: set both "
+                f"(got exit_heads={self.exit_heads!r}, loss kind {self.loss.kind!r})"
+            )
+        if heads_loss and self.lora is not None:
+            raise ValueError("exit heads train on a frozen backbone: leave TrainConfig.lora None")
+        if isinstance(self.exit_heads, list):  # gin and JSON give lists
+            object.__setattr__(self, "exit_heads", tuple(self.exit_heads))
 
 
 @dataclasses.dataclass

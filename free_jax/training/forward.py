@@ -1,9 +1,11 @@
 """The teacher-forced pass of every model family: the one place training calls a model.
 
-    out = forward(config, params, batch, exit_layers=(2,), normed_layers=(1, 2, 8))
+    out = forward(config, params, batch, exit_layers=(2,), normed_layers=(1, 2, 8),
+                  hidden_layers=(3,))
     out.logits        [B, T, V] float32, the deep exit
     out.exit_logits   {2: [B, T, V]}
     out.normed        {1: [B, T, D], 2: ..., 8: ...}   layer outputs after the shared final norm
+    out.hidden        {3: [B, T, D]}                   layer outputs before any norm (exit heads)
 
 A T5 (`T5Config`) reads `encoder_input_tokens` [B, S] and `decoder_input_tokens` [B, T]; a
 decoder-only model (`LMConfig`) reads `decoder_input_tokens` alone, prompt and target in one
@@ -35,11 +37,14 @@ class Forward:
       exit_logits: {layer k: [B, T, V]} float32 of the requested intermediate exits.
       normed: {layer l: [B, T, D]} outputs of the requested layers (1-based) after the shared
         final norm (T5: and its dropout), which is what the LM head reads.
+      hidden: {layer l: [B, T, D]} outputs of the requested layers before any norm, which is
+        what a self-supervised exit head (`models.exit_heads`) reads.
     """
 
     logits: jax.Array
     exit_logits: dict[int, jax.Array]
     normed: dict[int, jax.Array]
+    hidden: dict[int, jax.Array] = struct.field(default_factory=dict)
 
 
 # t5x feature names -> keyword of the T5 call.
@@ -58,6 +63,7 @@ def forward(
     *,
     exit_layers: Sequence[int] = (),
     normed_layers: Sequence[int] = (),
+    hidden_layers: Sequence[int] = (),
     rng: jax.Array | None = None,
     deterministic: bool = True,
 ) -> Forward:
@@ -66,10 +72,12 @@ def forward(
     Args:
       exit_layers: intermediate layers k (1 <= k < L) whose exit logits to return.
       normed_layers: layers l (1 <= l <= L) whose normalised outputs to return (FREE's KD).
+      hidden_layers: layers l (1 <= l <= L) whose raw outputs to return (exit heads).
       rng: dropout key, used when `deterministic` is false.
     """
     exit_layers, normed_layers = tuple(exit_layers), tuple(normed_layers)
-    want_hidden = bool(normed_layers)
+    hidden_layers = tuple(hidden_layers)
+    want_hidden = bool(normed_layers or hidden_layers)
     rngs = {"dropout": rng} if rng is not None else {}
     if isinstance(config, T5Config):
 
@@ -82,7 +90,8 @@ def forward(
                 i: model.decoder.final(out.decoder_hidden[i - 1], deterministic)
                 for i in normed_layers
             }
-            return Forward(out.logits, dict(out.exit_logits), normed)
+            hidden = {i: out.decoder_hidden[i - 1] for i in hidden_layers}
+            return Forward(out.logits, dict(out.exit_logits), normed, hidden)
 
         kwargs = {kw: batch[key] for key, kw in _T5_PACKING.items() if key in batch}
         return T5(config).apply(
@@ -98,7 +107,8 @@ def forward(
                 return_hidden=want_hidden,
             )  # fmt: skip
             normed = {i: model.final_norm(out.hidden[i - 1]) for i in normed_layers}
-            return Forward(out.logits, dict(out.exit_logits), normed)
+            hidden = {i: out.hidden[i - 1] for i in hidden_layers}
+            return Forward(out.logits, dict(out.exit_logits), normed, hidden)
 
         return DecoderLM(config).apply(
             {"params": params}, batch["decoder_input_tokens"], batch.get("decoder_positions"),

@@ -1,6 +1,7 @@
-"""Training losses: plain cross-entropy, CALM's depth-weighted CE, and FREE's shallow-deep loss.
+"""Training losses: plain cross-entropy, CALM's depth-weighted CE, FREE's shallow-deep loss, and
+the self-distillation of exit heads (Valade 2024).
 
-All three read the same batch (t5x feature names) and work on any model family: the model is run
+All of them read the same batch (t5x feature names) and work on any model family: the model is run
 in one place (`forward.forward`: T5 on encoder + decoder tokens, a decoder-only LM on its decoder
 tokens), and every exit goes through the shared final norm and LM head. Token losses are means
 weighted by `decoder_loss_weights`, so padding (and, for a decoder-only prompt, the prompt tokens)
@@ -13,6 +14,17 @@ FREE (Bae et al. 2023, eq. 2-3), with S the shallow exit layer and L the decoder
 KD distils the deep decoder into the shallow one, layer by layer: the normalised outputs of the
 student layers 1..S are pulled towards (stop-gradient) normalised outputs of S teacher layers, with
 FREE's dynamic alignment deciding which student each teacher teaches (see `dynamic_alignment`).
+
+Exit heads (kind "exit_heads"): the backbone is frozen and only the heads tree
+(`models.exit_heads`) trains. Each head on layer l is pulled towards the model's own final
+distribution from the same pass (gradients stopped), with the loss-weighted mean over positions and
+the mean over heads:
+
+    total = mean_l  weighted_mean_t  tau^2 * KL( softmax(z_L / tau) || softmax(z_l / tau) )
+
+With `exit_heads_top_k = k` the teacher keeps only its k most likely tokens, renormalised; the
+head's distribution stays over the whole vocabulary (so the loss also pushes mass onto those k).
+No labels are read: any text trains the heads.
 
 Example (values from a hand computation in tests/training/test_losses.py):
     loss, metrics = compute_loss(model_config, LossConfig(kind="free"), params, batch,
@@ -28,9 +40,10 @@ from collections.abc import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
+from free_jax.models.exit_heads import exit_head_layers, head_logits
 from free_jax.training.forward import ModelConfig, forward
 
-LOSS_KINDS = ("free", "calm", "ce")
+LOSS_KINDS = ("free", "calm", "ce", "exit_heads")
 ALIGNMENTS = ("dynamic", "uniform", "last")
 
 
@@ -39,18 +52,25 @@ class LossConfig:
     """Which loss to train with.
 
     Attributes:
-      kind: "free" (shallow-deep CE + layer-wise KD), "calm" (every layer's CE, weighted by depth)
-        or "ce" (top layer only: the full-model baseline).
+      kind: "free" (shallow-deep CE + layer-wise KD), "calm" (every layer's CE, weighted by
+        depth), "ce" (top layer only: the full-model baseline) or "exit_heads" (self-distillation
+        of exit heads into a frozen backbone; `TrainConfig.exit_heads` says which layers).
       kd_alpha: FREE's alpha, the weight of the distillation term.
       kd_alignment: how teachers pick students: "dynamic" (FREE's default), "uniform" (teacher j
         teaches student j) or "last" (the deep output teaches the shallow exit only).
       z_loss: coefficient of t5x's auxiliary z-loss, log(Z)^2 per target token (0 disables it).
+      exit_heads_temperature: tau of the exit heads' KL; both distributions are softened by it and
+        the KL is scaled by tau^2 (Hinton's convention, which keeps gradient sizes comparable).
+      exit_heads_top_k: restrict the exit heads' teacher to its top-k tokens, renormalised (None:
+        the whole vocabulary).
     """
 
     kind: str = "free"
     kd_alpha: float = 0.5
     kd_alignment: str = "dynamic"
     z_loss: float = 0.0
+    exit_heads_temperature: float = 1.0
+    exit_heads_top_k: int | None = None
 
     def __post_init__(self):
         if self.kind not in LOSS_KINDS:
@@ -61,6 +81,12 @@ class LossConfig:
             )
         if self.kd_alpha < 0 or self.z_loss < 0:
             raise ValueError("LossConfig.kd_alpha and z_loss must be >= 0")
+        if not self.exit_heads_temperature > 0:
+            raise ValueError(
+                f"LossConfig.exit_heads_temperature={self.exit_heads_temperature} must be > 0"
+            )
+        if self.exit_heads_top_k is not None and self.exit_heads_top_k < 1:
+            raise ValueError(f"LossConfig.exit_heads_top_k={self.exit_heads_top_k} must be >= 1")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,6 +321,104 @@ def ce_loss(
 
 
 # ---------------------------------------------------------------------------------------------
+# Exit heads: self-distillation of the final distribution
+# ---------------------------------------------------------------------------------------------
+
+
+def token_kl(
+    teacher_logits_BTV: jax.Array,
+    student_logits_BTV: jax.Array,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+) -> jax.Array:
+    """[B, T] float32 tau^2 * KL(teacher || student) of softmax(logits / tau), per position.
+
+    The teacher's gradient is stopped. With `top_k` the teacher is its k largest probabilities,
+    renormalised; the student's log-probabilities stay normalised over the whole vocabulary.
+
+    >>> float(token_kl(jnp.log(jnp.array([[[0.5, 0.5]]])), jnp.log(jnp.array([[[0.25, 0.75]]])))[0, 0])
+    0.143...
+    """
+    teacher = jax.lax.stop_gradient(teacher_logits_BTV.astype(jnp.float32)) / temperature
+    log_q_BTV = jax.nn.log_softmax(student_logits_BTV.astype(jnp.float32) / temperature, axis=-1)
+    if top_k is None:
+        log_p_BTV = jax.nn.log_softmax(teacher, axis=-1)
+        kl_BT = jnp.sum(jnp.exp(log_p_BTV) * (log_p_BTV - log_q_BTV), axis=-1)
+    else:
+        top_BTK, index_BTK = jax.lax.top_k(teacher, min(top_k, teacher.shape[-1]))
+        log_p_BTK = jax.nn.log_softmax(top_BTK, axis=-1)
+        log_q_BTK = jnp.take_along_axis(log_q_BTV, index_BTK, axis=-1)
+        kl_BT = jnp.sum(jnp.exp(log_p_BTK) * (log_p_BTK - log_q_BTK), axis=-1)
+    return temperature**2 * kl_BT
+
+
+def exit_heads_loss(
+    final_logits_BTV: jax.Array,
+    head_logits: Mapping[int, jax.Array],
+    weights_BT: jax.Array,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean over heads of the weighted mean KL(final || head); see the module docstring.
+
+    Metrics: "loss", per head layer l `kl_head{l}` (the KL at `temperature`, with `top_k`) and
+    `agree_head{l}` (share of positions whose head argmax is the final argmax).
+    """
+    metrics = {}
+    final_BT = jnp.argmax(final_logits_BTV, axis=-1)
+    kls = []
+    for layer in sorted(head_logits):
+        logits_BTV = head_logits[layer]
+        kl = weighted_mean(
+            token_kl(final_logits_BTV, logits_BTV, temperature=temperature, top_k=top_k),
+            weights_BT,
+        )
+        kls.append(kl)
+        metrics[f"kl_head{layer}"] = kl
+        agree_BT = (jnp.argmax(logits_BTV, axis=-1) == final_BT).astype(jnp.float32)
+        metrics[f"agree_head{layer}"] = weighted_mean(agree_BT, weights_BT)
+    total = jnp.mean(jnp.stack(kls))
+    metrics["loss"] = total
+    return total, metrics
+
+
+def _exit_heads_forward(model_config: ModelConfig, params, heads, batch):
+    """(final logits, {layer: head logits}) with the backbone in inference mode."""
+    layers = exit_head_layers(heads)
+    # The backbone is frozen: it runs deterministically (dropout would only add noise to the
+    # teacher and to the features the heads read), and no gradient flows into it.
+    out = forward(model_config, params, batch, hidden_layers=layers, deterministic=True)
+    logits = {
+        layer: head_logits(model_config, heads, layer, jax.lax.stop_gradient(out.hidden[layer]))
+        for layer in layers
+    }
+    return jax.lax.stop_gradient(out.logits), logits
+
+
+def exit_head_sums(
+    model_config: ModelConfig, loss_config: LossConfig, params, heads, batch
+) -> dict[str, jax.Array]:
+    """Validation of exit heads: weighted sums of `kl_head{l}` and `agree_head{l}` and the weight
+    total (`weight`), so that callers add batches up exactly before dividing."""
+    final_BTV, logits = _exit_heads_forward(model_config, params, heads, batch)
+    _, weights_BT = _targets_and_weights(model_config, batch)
+    weights_BT = weights_BT.astype(jnp.float32)
+    final_BT = jnp.argmax(final_BTV, axis=-1)
+    sums = {"weight": jnp.sum(weights_BT)}
+    for layer, logits_BTV in logits.items():
+        kl_BT = token_kl(
+            final_BTV, logits_BTV, temperature=loss_config.exit_heads_temperature,
+            top_k=loss_config.exit_heads_top_k,
+        )  # fmt: skip
+        agree_BT = (jnp.argmax(logits_BTV, axis=-1) == final_BT).astype(jnp.float32)
+        sums[f"kl_head{layer}"] = jnp.sum(kl_BT * weights_BT)
+        sums[f"agree_head{layer}"] = jnp.sum(agree_BT * weights_BT)
+    return sums
+
+
+# ---------------------------------------------------------------------------------------------
 # Model + loss
 # ---------------------------------------------------------------------------------------------
 
@@ -315,6 +439,7 @@ def compute_loss(
     *,
     rng: jax.Array | None = None,
     deterministic: bool = True,
+    exit_heads=None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Runs the model teacher-forced on a batch and returns (loss, metrics); any model family.
 
@@ -324,9 +449,21 @@ def compute_loss(
         that doubles as pad: decoder-only batches always carry weights), segment ids / positions
         when packed, and for T5 `encoder_input_tokens` [B, S] (see `forward.forward`).
       rng: dropout key; required when `deterministic` is false and the model has dropout.
+      exit_heads: the heads tree (`models.exit_heads`) that kind "exit_heads" trains; `params`
+        are then the frozen backbone, run deterministically whatever `deterministic` says.
     """
     c, num_layers, shallow = model_config, model_config.num_decoder_layers, None
     targets_BT, weights_BT = _targets_and_weights(c, batch)
+    if loss_config.kind == "exit_heads":
+        if exit_heads is None:
+            raise ValueError(
+                "LossConfig.kind='exit_heads' needs the heads (compute_loss exit_heads=)"
+            )
+        final_BTV, logits = _exit_heads_forward(c, params, exit_heads, batch)
+        return exit_heads_loss(
+            final_BTV, logits, weights_BT, temperature=loss_config.exit_heads_temperature,
+            top_k=loss_config.exit_heads_top_k,
+        )  # fmt: skip
     normed_layers = ()
     if loss_config.kind == "free":
         shallow = c.shallow_layer

@@ -5,8 +5,11 @@ MODEL_DIR layout written by the trainer:
     config.json         the model config's `to_json()`, enough to rebuild the model: a T5Config, or
                         an LMConfig (decoder-only), told apart by the LMConfig's "family" key
                         ("llama", "gpt_neox", "gpt2"), which a T5 config.json never has
-    run.json            tokenizer path, loss, LoRA scale (when fine-tuned with LoRA), task, model
-                        family ("t5" or the LMConfig's), data format and BOS
+    run.json            tokenizer path, loss, LoRA scale (when fine-tuned with LoRA), exit-head
+                        layers (when training exit heads), task, model family ("t5" or the
+                        LMConfig's), data format and BOS
+    exit_heads.msgpack  the trained exit heads of a `TrainConfig.exit_heads` run, rewritten at
+                        every checkpoint (`models.exit_heads.load_exit_heads`)
     spm.model           a copy of the SentencePiece vocabulary, when training used one
     checkpoints/<step>/ orbax: `state` (step, params, optimiser state, RNG; sharded arrays are
                         written shard by shard by the processes that hold them) and `data` (the
@@ -16,6 +19,7 @@ MODEL_DIR layout written by the trainer:
     tb/                 TensorBoard event files (when tensorboardX is installed)
 
     config, params, tokenizer_path = load_trained("runs/demo")
+    config, heads = load_trained_exit_heads("runs/heads")      # an exit-heads run
 """
 
 from __future__ import annotations
@@ -34,9 +38,11 @@ from flax import struct
 from free_jax import partitioning
 from free_jax.models import T5Config
 from free_jax.models.configs import config_from_json
+from free_jax.models.exit_heads import load_exit_heads
 from free_jax.models.lm_config import LMConfig
 
 CHECKPOINT_SUBDIR = "checkpoints"
+EXIT_HEADS_FILE = "exit_heads.msgpack"
 
 
 @struct.dataclass
@@ -45,11 +51,13 @@ class TrainState:
 
     Attributes:
       step: int32 [] batches trained so far.
-      params: the trained tree: all model parameters, or only the LoRA adapters.
+      params: the trained tree: all model parameters, or only the LoRA adapters, or only the
+        exit heads.
       opt_state: the optax state of `params`.
       rng: uint32 [2] the run's base key; step t's dropout uses fold_in(rng, t), so resuming needs
         no RNG bookkeeping beyond the step.
-      frozen: the base model parameters under LoRA (never updated), else None.
+      frozen: the base model parameters under LoRA or exit-head training (never updated), else
+        None.
     """
 
     step: jax.Array
@@ -214,7 +222,8 @@ def read_run_files(model_dir) -> tuple[T5Config | LMConfig, dict]:
 
 def read_saved_state(model_dir, step: int | None = None) -> tuple[int, dict[str, Any]]:
     """(step, the saved train state as a dict: "step", "params", "opt_state", "rng" and, under
-    LoRA, "frozen" (the base weights; "params" are then the adapters)), every array whole on this
+    LoRA or exit-head training, "frozen" (the base weights; "params" are then the adapters or the
+    heads)), every array whole on this
     process's first device, whatever mesh saved it.
 
     Args:
@@ -247,7 +256,8 @@ def read_saved_state(model_dir, step: int | None = None) -> tuple[int, dict[str,
 
 
 def load_trained(model_dir, step: int | None = None) -> tuple[T5Config | LMConfig, Any, str | None]:
-    """(config, params, tokenizer_path) of a trained MODEL_DIR, LoRA adapters already merged.
+    """(config, params, tokenizer_path) of a trained MODEL_DIR, LoRA adapters already merged (an
+    exit-heads run gives its frozen backbone; `load_trained_exit_heads` gives the heads).
 
     Args:
       model_dir: a directory written by `free_jax.train`.
@@ -258,7 +268,20 @@ def load_trained(model_dir, step: int | None = None) -> tuple[T5Config | LMConfi
     config, run = read_run_files(model_dir)
     _, state = read_saved_state(model_dir, step)
     params = state["params"]
-    if "frozen" in state:
+    if "exit_heads" in run:
+        params = state["frozen"]
+    elif "frozen" in state:
         params = merge_lora(state["frozen"], params, run["lora_scale"])
     params = jax.tree.map(jnp.asarray, params)
     return config, params, run.get("tokenizer_path")
+
+
+def load_trained_exit_heads(model_dir) -> tuple[T5Config | LMConfig, dict]:
+    """(config, heads) of an exit-heads run: MODEL_DIR/exit_heads.msgpack, checked against the
+    run's config.json. The heads load beside any copy of the backbone (`load_trained`, or the
+    checkpoint the run started from)."""
+    config, run = read_run_files(model_dir)
+    if "exit_heads" not in run:
+        raise ValueError(f"{model_dir} is not an exit-heads run (run.json has no 'exit_heads')")
+    name = run.get("exit_heads_file", EXIT_HEADS_FILE)
+    return config, load_exit_heads(epath.Path(model_dir) / name, config)

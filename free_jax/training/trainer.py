@@ -7,7 +7,13 @@
 
 The model is a T5 (`T5Config`, data format "seq2seq") or a decoder-only LM (`LMConfig`, formats
 "prompt_target" and "text"), from a random init or an initial checkpoint (a Hugging Face directory
-of either family, chosen by its config.json's model_type, or a T5X checkpoint).
+of either family, chosen by its config.json's model_type, a T5X checkpoint, a free_jax export or a
+training MODEL_DIR).
+
+What trains is the whole model, or a subtree beside a frozen one (`TrainState.frozen`): LoRA
+adapters (`TrainConfig.lora`), or self-supervised exit heads (`TrainConfig.exit_heads` with
+`LossConfig(kind="exit_heads")`; the heads also go to MODEL_DIR/exit_heads.msgpack at every
+checkpoint, and validation reports each head's KL and agreement with the final layer).
 
 Library code takes these plain dataclasses; `python -m free_jax.train` builds them from gin.
 
@@ -43,6 +49,7 @@ from etils import epath
 from free_jax import data as data_lib
 from free_jax import partitioning
 from free_jax.models import init_params, param_shapes
+from free_jax.models.exit_heads import choose_exit_head_layers, init_exit_heads, save_exit_heads
 from free_jax.training import inputs, validation
 from free_jax.training import state as state_lib
 from free_jax.training.config import DataConfig, NonFiniteLossError, TrainConfig, TrainResult
@@ -51,7 +58,7 @@ from free_jax.training.lora import count_lora_params, init_lora, merge_lora
 from free_jax.training.losses import LossConfig, compute_loss
 from free_jax.training.metrics import MetricsWriter, Progress
 from free_jax.training.optim import OptimizerConfig, make_optimizer, update_count
-from free_jax.training.state import CheckpointConfig, TrainState, state_shardings
+from free_jax.training.state import EXIT_HEADS_FILE, CheckpointConfig, TrainState, state_shardings
 
 log = logging.getLogger(__name__)
 
@@ -62,17 +69,27 @@ log = logging.getLogger(__name__)
 
 
 def load_initial_checkpoint(path: str, fmt: str = "auto") -> tuple[ModelConfig, Any]:
-    """(config, params) of a Hugging Face or T5X checkpoint.
+    """(config, params) of a Hugging Face, T5X or free_jax checkpoint.
 
     A Hugging Face directory (or hub name) is read by `checkpoints.load_hf`, which picks the
     family from config.json's `model_type`: "t5" gives a `T5Config`, "llama" / "gpt_neox" /
-    "gpt2" an `LMConfig` (`checkpoints.hf_lm.load_hf_lm`).
+    "gpt2" an `LMConfig` (`checkpoints.hf_lm.load_hf_lm`). "free_jax" is an export of
+    `checkpoints.save_params` (config.json + params/) or a training MODEL_DIR (its latest
+    checkpoint, LoRA merged). "auto" tells them apart by their files.
     """
     from free_jax import checkpoints
 
+    local = epath.Path(path)
     if fmt == "auto":
-        local = epath.Path(path)
-        fmt = "hf" if (local / "config.json").exists() or not local.exists() else "t5x"
+        if (local / "params").is_dir() or (local / state_lib.CHECKPOINT_SUBDIR).is_dir():
+            fmt = "free_jax"
+        else:
+            fmt = "hf" if (local / "config.json").exists() or not local.exists() else "t5x"
+    if fmt == "free_jax":
+        if (local / "params").is_dir():
+            return checkpoints.load_params(path)
+        config, params, _ = state_lib.load_trained(path)
+        return config, params
     loader = checkpoints.load_hf if fmt == "hf" else checkpoints.load_t5x
     return loader(path)
 
@@ -129,10 +146,18 @@ def make_train_step(
     With `shardings` (from `state_shardings`) and `batch_sharding` the step is compiled for the
     mesh: the state keeps its layout from step to step, every batch array is split on its leading
     axis, and the metrics come back replicated. Without them it runs where its inputs live.
+
+    The trained tree `state.params` is the model's parameters, LoRA adapters on `state.frozen`
+    (`lora_scale` set), or exit heads on `state.frozen` (loss kind "exit_heads").
     """
+    heads_run = loss_config.kind == "exit_heads"
 
     def step(state: TrainState, batch):
         def loss_fn(trainable):
+            if heads_run:  # the backbone runs deterministically: no dropout key
+                return compute_loss(
+                    model_config, loss_config, state.frozen, batch, exit_heads=trainable
+                )
             params = (
                 trainable if lora_scale is None else merge_lora(state.frozen, trainable, lora_scale)
             )
@@ -246,12 +271,21 @@ def train(
     inputs.check_model_and_data(model_config, data, tokenizer)
     bos_id = inputs.bos_id_for(model_config, data) if data.decoder_only else None
     tx, schedule = make_optimizer(config.optimizer, config.train_steps)
-    lora_scale = None
+    lora_scale, head_layers = None, None
     if config.lora is not None:
         frozen, trainable = params, init_lora(params, config.lora, lora_rng)
         trainable = _place_params(trainable, mesh, rules)
         lora_scale = config.lora.scale
         log.info("LoRA: %d trainable parameters", count_lora_params(trainable))
+    elif config.exit_heads is not None:
+        head_layers = choose_exit_head_layers(model_config.num_decoder_layers, config.exit_heads)
+        frozen = params
+        trainable = _place_params(init_exit_heads(model_config, params, head_layers), mesh, rules)
+        log.info(
+            "Exit heads on layers %s: %d trainable parameters",
+            head_layers,
+            sum(x.size for x in jax.tree.leaves(trainable)),
+        )
     else:
         frozen, trainable = None, params
     abstract = TrainState(
@@ -281,6 +315,9 @@ def train(
     }
     if lora_scale is not None:
         run_info["lora_scale"] = lora_scale
+    if head_layers is not None:
+        run_info["exit_heads"] = list(head_layers)
+        run_info["exit_heads_file"] = EXIT_HEADS_FILE
     if primary:
         state_lib.write_run_files(model_dir, model_config, run_info)
 
@@ -357,9 +394,14 @@ def train(
                 config.eval_every and step % config.eval_every == 0
             ) or step == config.train_steps
             if due and eval_set.batches:
-                evaluated = evaluate(
-                    model_config, eval_params(state), eval_set, tokenizer, config, data
-                )
+                if head_layers is not None:  # the backbone does not change: validate the heads
+                    evaluated = validation.exit_head_validation(
+                        model_config, config.loss, state.frozen, state.params, eval_set.batches
+                    )
+                else:
+                    evaluated = evaluate(
+                        model_config, eval_params(state), eval_set, tokenizer, config, data
+                    )
                 validation_metrics = evaluated
                 writer.write(step, "validation", evaluated)
                 say(_eval_line(step, evaluated, train_iter.counters))
@@ -367,6 +409,8 @@ def train(
                 best = config.checkpoint.best_metric
                 ranked = {best: evaluated[best]} if evaluated and best in evaluated else None
                 state_lib.save_checkpoint(manager, state, train_iter.get_state(), ranked)
+                if head_layers is not None:
+                    _save_heads(model_dir / EXIT_HEADS_FILE, model_config, state.params, primary)
             if step_callback is not None:
                 step_callback(step, values)
     finally:
@@ -393,6 +437,15 @@ def _primary_first(name: str, fn: Callable[[], Any]) -> Any:
     return fn()
 
 
+def _save_heads(path, model_config: ModelConfig, heads, primary: bool) -> None:
+    """Every process gathers the (possibly sharded) heads; process 0 writes them."""
+    from jax.experimental import multihost_utils
+
+    whole = multihost_utils.process_allgather(heads, tiled=True)
+    if primary:
+        save_exit_heads(path, model_config, whole)
+
+
 def _place_eval_batch(batch: dict, batch_sharding) -> dict[str, jax.Array]:
     """Every process holds the whole validation batch; split it like training batches when the
     mesh divides it, else replicate it."""
@@ -417,7 +470,7 @@ class _NoWriter:
 
 def _eval_line(step: int, metrics: dict, counters: dict) -> str:
     shown = {k: v for k, v in metrics.items() if k in ("loss", "bleu", "rougeLsum", "f1")}
-    shown.update({k: v for k, v in metrics.items() if k.startswith("acc_layer")})
+    shown.update({k: v for k, v in metrics.items() if k.startswith(("acc_layer", "agree_head"))})
     text = ", ".join(f"{k} {v:.4g}" for k, v in sorted(shown.items()))
     cut = counters.get("num_truncated_inputs", 0), counters.get("num_truncated_targets", 0)
     return (
@@ -427,6 +480,7 @@ def _eval_line(step: int, metrics: dict, counters: dict) -> str:
 
 
 __all__ = [
+    "EXIT_HEADS_FILE",
     "CheckpointConfig",
     "DataConfig",
     "NonFiniteLossError",

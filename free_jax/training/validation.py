@@ -7,6 +7,8 @@ training are the numbers `free_jax.evaluate` reports, under the same names: "ble
 "loop_rate" (the share of outputs stuck in a repetition loop).
 
     losses = validation_losses(config, params, batches)          # ce_layer{l}, acc_layer{l}
+    heads = exit_head_validation(config, loss_config, params, heads_params, batches)
+                                                        # kl_head{l}, agree_head{l}, loss
     scores, texts = decode_and_score(config, params, inputs, references, tokenizer.decode,
                                      "bleu", prompt_lengths=lengths)   # lengths: decoder-only
 """
@@ -23,7 +25,7 @@ import numpy as np
 from free_jax.decoding import GreedySpec, decode
 from free_jax.evaluation import metrics
 from free_jax.training.forward import ModelConfig
-from free_jax.training.losses import exit_losses
+from free_jax.training.losses import LossConfig, exit_head_sums, exit_losses
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -46,6 +48,34 @@ def validation_losses(
             totals[key] += float(value)
     weight = max(totals.pop("weight", 0.0), 1e-8)
     return {key: value / weight for key, value in totals.items()}
+
+
+@functools.partial(jax.jit, static_argnames=("config", "loss_config"))
+def _exit_head_sums(config, loss_config, params, heads, batch):
+    return exit_head_sums(config, loss_config, params, heads, batch)
+
+
+def exit_head_validation(
+    config: ModelConfig,
+    loss_config: LossConfig,
+    params,
+    heads,
+    batches: Iterable[Mapping[str, np.ndarray]],
+) -> dict[str, float]:
+    """Token-weighted KL to the final layer (`kl_head{l}`, at the loss's temperature and top-k)
+    and argmax agreement with it (`agree_head{l}`) of every exit head over batches; "loss" is the
+    mean KL over heads, the training loss's validation twin."""
+    totals = collections.Counter()
+    for batch in batches:
+        arrays = {k: v for k, v in batch.items() if k.startswith(("encoder_", "decoder_"))}
+        sums = jax.device_get(_exit_head_sums(config, loss_config, params, heads, arrays))
+        for key, value in sums.items():
+            totals[key] += float(value)
+    weight = max(totals.pop("weight", 0.0), 1e-8)
+    out = {key: value / weight for key, value in totals.items()}
+    kls = [v for k, v in out.items() if k.startswith("kl_head")]
+    out["loss"] = float(np.mean(kls))
+    return out
 
 
 def decode_and_score(
