@@ -20,6 +20,8 @@ Example (L=4, min exit 1, B=2): example 0 exits after layer 1, example 1 after l
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -80,9 +82,9 @@ def calm_decode(
         batch_layers=jnp.zeros((), jnp.int32),
     )
 
-    def exit_head(hidden_B1D, prev_B1D):
+    def exit_head(hidden_B1D, prev_B1D, layer):
         logits_BV, conf_B = conf_lib.exit_confidence(
-            model, measure, hidden_B1D[:, 0], prev_B1D[:, 0], confidence_params
+            model, measure, hidden_B1D[:, 0], prev_B1D[:, 0], confidence_params, layer=layer
         )
         return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32), conf_B
 
@@ -122,7 +124,8 @@ def calm_decode(
             depth = layer + 1
             if depth < min_exit_layer:
                 continue
-            tok_B, c_B = jax.lax.cond(any_running, exit_head, no_head, hidden_B1D, prev_B1D)
+            head = functools.partial(exit_head, layer=depth)
+            tok_B, c_B = jax.lax.cond(any_running, head, no_head, hidden_B1D, prev_B1D)
             if depth < num_layers:
                 leave_B = running_B & conf_lib.exits(c_B, threshold_B)
             else:

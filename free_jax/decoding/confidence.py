@@ -115,7 +115,9 @@ def learned_confidence(head_params, normed_BD: jax.Array) -> jax.Array:
 # ============================================================== exit rule
 
 
-def exit_confidence(model, measure: str, hidden_BD, prev_hidden_BD=None, head_params=None):
+def exit_confidence(
+    model, measure: str, hidden_BD, prev_hidden_BD=None, head_params=None, *, layer=None
+):
     """Logits [B, V] (float32) of an exit and its confidence [B] under `measure`.
 
     Args:
@@ -123,8 +125,10 @@ def exit_confidence(model, measure: str, hidden_BD, prev_hidden_BD=None, head_pa
       hidden_BD: hidden state after the exit's last layer (before the final norm).
       prev_hidden_BD: hidden state one layer earlier (only "hidden_cosine" reads it).
       head_params: `ConfidenceHead` parameters (only "learned" reads them).
+      layer: the decoder layer the exit sits after (a model with exit heads answers with the
+        head on that layer; others ignore it).
     """
-    logits_BV = model.exit_logits(hidden_BD)
+    logits_BV = model.exit_logits(hidden_BD, layer=layer)
     if measure == "softmax_margin":
         conf_B = softmax_margin(logits_BV)
     elif measure == "softmax_max":

@@ -196,7 +196,7 @@ def free_loop(
         )  # fmt: skip
         logits_BV, conf_B = conf_lib.exit_confidence(
             model, measure, hidden_B1D[:, 0],
-            None if prev_B1D is None else prev_B1D[:, 0], confidence_params,
+            None if prev_B1D is None else prev_B1D[:, 0], confidence_params, layer=shallow,
         )  # fmt: skip
         shallow_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
         threshold_B = conf_lib.decayed_threshold(threshold, s.pos_B + 1, n, position_temp)

@@ -106,7 +106,7 @@ def single_exit_decode(
         )  # fmt: skip
         logits_BV, conf_B = conf_lib.exit_confidence(
             model, measure, hidden_B1D[:, 0],
-            None if prev_B1D is None else prev_B1D[:, 0], confidence_params,
+            None if prev_B1D is None else prev_B1D[:, 0], confidence_params, layer=num_layers,
         )  # fmt: skip
         token_B = picker(logits_BV, s.step)
         step_B = jnp.full((b,), s.step, jnp.int32)

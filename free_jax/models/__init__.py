@@ -3,6 +3,7 @@ every decoder uses (`protocol.py`). Imports nothing else of free_jax."""
 
 from free_jax.models.cache import CrossKV, DecoderCache, LayerCache, init_cache, write_chunk
 from free_jax.models.config import PRESETS, T5Config, preset
+from free_jax.models.headed import HeadedConfig, HeadedModel
 from free_jax.models.lm import DecoderLM, LMOutput
 from free_jax.models.lm_config import LM_PRESETS, LMConfig, lm_preset
 from free_jax.models.protocol import (
@@ -18,6 +19,8 @@ from free_jax.models.t5 import T5, T5Output, count_params
 
 __all__ = [
     "LM_PRESETS",
+    "HeadedConfig",
+    "HeadedModel",
     "DecoderLM",
     "LMConfig",
     "LMOutput",

@@ -272,8 +272,10 @@ class DecoderLM(nn.Module):
         """The shared final norm (what the learned confidence head reads)."""
         return self.decoder.final_norm(hidden_BTD)
 
-    def exit_logits(self, hidden_BTD: jax.Array) -> jax.Array:
-        """Float32 logits [B, T, V] of any exit: final norm, then the (tied or own) LM head."""
+    def exit_logits(self, hidden_BTD: jax.Array, layer: int | None = None) -> jax.Array:
+        """Float32 logits [B, T, V] of any exit: final norm, then the (tied or own) LM head (the
+        same for every `layer`; a model with exit heads, `models/headed.py`, answers per layer)."""
+        del layer
         normed_BTD = self.final_norm(hidden_BTD)
         if self.config.tie_word_embeddings:
             return self.token_embedder.attend(normed_BTD).astype(jnp.float32)

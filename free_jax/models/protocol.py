@@ -8,7 +8,9 @@ positions, T cache length, D width, H cached (key/value) heads, K head width, V 
     hidden_BCD = model.embed(tokens_BC, offset_B)
     hidden_BCD, cache = model.layers(hidden_BCD, start=a, end=b, cache=cache, context=context,
                                      offset_B=offset_B)
-    logits_BCV = model.exit_logits(hidden_BCD)       # float32, shared final norm + LM head
+    logits_BCV = model.exit_logits(hidden_BCD, layer=k)  # float32: the exit after layer k (the
+                                                     # shared final norm + LM head, or a trained
+                                                     # exit head there: models/headed.py)
     normed_BCD = model.final_norm(hidden_BCD)        # the learned confidence head reads this
     key_BHCK, value_BHCK = model.layer_kv(hidden_BCD, layer, offset_B)   # CALM's state copying
 
@@ -76,7 +78,7 @@ class DecodingModel(Protocol):
         context: DecodeContext, offset_B: jax.Array,
     ) -> tuple[jax.Array, DecoderCache]: ...  # fmt: skip
 
-    def exit_logits(self, hidden_BTD: jax.Array) -> jax.Array: ...
+    def exit_logits(self, hidden_BTD: jax.Array, layer: int | None = None) -> jax.Array: ...
 
     def final_norm(self, hidden_BTD: jax.Array) -> jax.Array: ...
 

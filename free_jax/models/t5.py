@@ -246,8 +246,12 @@ class T5(nn.Module):
         )  # fmt: skip
         return outputs[-1], cache.replace_layers(start, tuple(new_layers))
 
-    def exit_logits(self, hidden_BTD: jax.Array, deterministic: bool = True) -> jax.Array:
-        """Logits [B, T, V] (float32) of any exit: shared final norm, then the LM head."""
+    def exit_logits(
+        self, hidden_BTD: jax.Array, deterministic: bool = True, *, layer: int | None = None
+    ) -> jax.Array:
+        """Logits [B, T, V] (float32) of any exit: shared final norm, then the LM head (the same
+        for every `layer`; a model with exit heads, `models/headed.py`, answers per layer)."""
+        del layer
         normed = self.decoder.final(hidden_BTD, deterministic)
         if self.config.tie_word_embeddings:
             # T5 v1.0 rescales before the tied head (Mesh TensorFlow's convention).

@@ -161,7 +161,8 @@ class StubModel:
             )  # fmt: skip
         return hidden_BCD, DecoderCache(layers=tuple(layers))
 
-    def exit_logits(self, hidden_XD):
+    def exit_logits(self, hidden_XD, layer=None):
+        del layer  # the depth channel already says which exit this is
         pos_X = jnp.clip(hidden_XD[..., 0].astype(jnp.int32), 0, P - 1)
         depth_X = jnp.clip(hidden_XD[..., 1].astype(jnp.int32), 0, L)
         token_X = hidden_XD[..., 2].astype(jnp.int32)

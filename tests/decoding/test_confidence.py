@@ -54,7 +54,7 @@ def test_exit_is_strict_and_decayed_threshold_formula():
 
 def test_unknown_measure_rejected():
     with pytest.raises(ValueError, match="unknown confidence measure"):
-        make_decoder(CONFIG, method="free", max_decode_len=N, measure="entropy")
+        make_decoder(CONFIG, method="free", max_decode_len=N, measure="no_such_measure")
 
 
 @functools.lru_cache

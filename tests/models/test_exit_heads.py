@@ -199,7 +199,7 @@ def test_entropy_is_a_measure_decoders_accept():
     assert MEASURES[:4] == ("softmax_margin", "softmax_max", "hidden_cosine", "learned")
 
     class Identity:  # exit logits = the hidden state itself
-        exit_logits = staticmethod(lambda h: h.astype(jnp.float32))
+        exit_logits = staticmethod(lambda h, layer=None: h.astype(jnp.float32))
 
     hidden = jnp.log(jnp.array([[0.5, 0.5, 1e-30, 1e-30]]))
     logits, conf = exit_confidence(Identity(), "entropy", hidden)
