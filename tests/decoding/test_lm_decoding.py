@@ -35,7 +35,12 @@ def test_static_exit_equals_rerunning_the_truncated_model():
         assert np.asarray(out.tokens)[row].tolist() == want
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+# Llama-shaped in `make test`; the other families' decoding paths are also covered there by
+# test_hf_lm_generate (greedy and lossless on each family); all three run in `make test-slow`.
+SLOW_OTHERS = ["tiny-llama", *(pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES[1:])]
+
+
+@pytest.mark.parametrize("name", SLOW_OTHERS)
 def test_never_exit_free_and_calm_equal_greedy(name):
     greedy = np.asarray(run(name, GreedySpec()).tokens)
     for spec in (FreeSpec(window=4), CalmSpec()):
@@ -43,7 +48,7 @@ def test_never_exit_free_and_calm_equal_greedy(name):
         np.testing.assert_array_equal(np.asarray(out.tokens), greedy)
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", SLOW_OTHERS)
 def test_lossless_equals_greedy_where_many_tokens_exit(name):
     greedy = np.asarray(run(name, GreedySpec()).tokens)
     plain = run(name, FreeSpec(window=4), threshold=0.05)

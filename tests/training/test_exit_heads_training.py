@@ -131,7 +131,8 @@ def _train(config, loss, params, frozen, batches, lr):
     return state, jax.device_get(metrics)
 
 
-@pytest.mark.parametrize("family", ["t5", "gpt2"])
+# the T5 run is the slower twin of the GPT-2 one: `make test-slow`
+@pytest.mark.parametrize("family", [pytest.param("t5", marks=pytest.mark.slow), "gpt2"])
 def test_a_few_steps_change_the_heads_and_leave_the_backbone_bit_identical(family):
     rng = np.random.default_rng(0)
     if family == "t5":
