@@ -7,7 +7,6 @@ Presets follow the published checkpoints' shapes (Raffel et al. 2020; T5 v1.1; F
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
 
 from free_jax.models.exit_config import ExitConfig
@@ -143,18 +142,6 @@ class T5Config(ExitConfig):
             "eos_token_id": self.eos_token_id,
             "decoder_start_token_id": self.decoder_start_token_id,
         }
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str, source: str = "<json>") -> T5Config:
-        data = json.loads(text)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown T5Config field(s) {unknown}")
-        return cls(**data)
 
 
 def _v10(d_model, d_ff, heads, layers):

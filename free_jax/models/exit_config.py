@@ -1,10 +1,11 @@
 """What every family's config shares for early exit: FREE's default S, the exit-layer check, the
-dtypes and `replace`. A mixin of frozen config dataclasses that define `num_decoder_layers`,
+dtypes, `replace` and the JSON round trip. A mixin of frozen config dataclasses that define `num_decoder_layers`,
 `shallow_exit_layer`, `dtype` and `param_dtype`."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 import jax.numpy as jnp
@@ -40,3 +41,16 @@ class ExitConfig:
 
     def replace(self, **changes: Any):
         return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "<json>"):
+        """The config `to_json` wrote; an unknown field is an error naming it and `source`."""
+        data = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown {cls.__name__} field(s) {unknown}")
+        return cls(**data)

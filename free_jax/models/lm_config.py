@@ -14,7 +14,6 @@ through the same names as `T5Config`: `num_decoder_layers`, `shallow_layer`, `ch
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
 
 from free_jax.models.exit_config import ExitConfig
@@ -170,18 +169,6 @@ class LMConfig(ExitConfig):
     def to_hf_dict(self) -> dict[str, Any]:
         """The `config.json` transformers needs to rebuild this model (classic keys)."""
         return _to_hf_dict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str, source: str = "<json>") -> LMConfig:
-        data = json.loads(text)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown LMConfig field(s) {unknown}")
-        return cls(**data)
 
 
 # ======================================================= Hugging Face config.json
