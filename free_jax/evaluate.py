@@ -20,13 +20,39 @@ import gin
 
 from free_jax import gin_configurables  # noqa: F401  (registers the specs evaluate.gin binds)
 from free_jax.calibration import load_threshold, plot_calibration
+from free_jax.calibration.per_exit import FORMAT as PER_EXIT_FORMAT
+from free_jax.calibration.per_exit import load_exit_thresholds
 from free_jax.data import get_task
 from free_jax.evaluation import EvalSettings, SuiteSpec, run_suite, write_report
 from free_jax.evaluation.report import markdown_table
 from free_jax.evaluation.runner import split_batches
 from free_jax.evaluation.suite import device_name
-from free_jax.loading import describe_config, load_confidence_head, load_model_and_tokenizer
+from free_jax.loading import (
+    describe_config,
+    load_confidence_head,
+    load_model_and_tokenizer,
+    with_exit_heads,
+)
 from free_jax.train import parse_flags, parse_gin
+
+
+def with_threshold_file(suite: SuiteSpec, path: str) -> SuiteSpec:
+    """The suite with calibrate's output: threshold.json (FREE's calibrated row) or
+    exit_thresholds.json (the exit-head rows); a Learn-then-Test file adds its guarantee."""
+    text = Path(path).read_text(encoding="utf-8")
+    if PER_EXIT_FORMAT in text:
+        multi = load_exit_thresholds(path)
+        levels = (multi.epsilon, multi.delta) if multi.epsilon is not None else None
+        return dataclasses.replace(
+            suite, exits=multi.exits, exit_thresholds=multi.thresholds, exit_guarantee=levels
+        )
+    calibrated = load_threshold(path)
+    levels = None
+    if calibrated.estimator == "ltt" and not calibrated.never_exit:
+        levels = (calibrated.epsilon, calibrated.delta)
+    return dataclasses.replace(
+        suite, calibrated_threshold=calibrated.threshold, calibrated_guarantee=levels
+    )
 
 
 @gin.configurable(module="free_jax")
@@ -43,21 +69,26 @@ def evaluate(
     settings: EvalSettings | None = None,
     suite: SuiteSpec | None = None,
     confidence_head: str | None = None,
+    exit_heads: str | None = None,
     progress: bool = True,
 ) -> dict:
     """Loads the model, runs the suite, writes the report; returns {"records", "paths", ...}.
 
     `suite` holds every decoder's spec (`SuiteSpec.free`, `.calm`, `.static`); `confidence_head`
-    is a file from `loading.save_confidence_head`, read by specs whose measure is "learned".
+    is a file from `loading.save_confidence_head`, read by specs whose measure is "learned";
+    `exit_heads` an exit-heads run's directory or exit_heads.msgpack (every decoder then reads the
+    trained head at each exit layer that has one; `threshold_file` may then be calibrate's
+    exit_thresholds.json, which adds the multi-exit rows).
     """
     settings = settings or EvalSettings()
     suite = suite or SuiteSpec()
     config, params, tok = load_model_and_tokenizer(checkpoint, tokenizer, flag="evaluate.tokenizer")
+    if exit_heads:
+        config, params = with_exit_heads(config, params, exit_heads)
     head = load_confidence_head(confidence_head, config) if confidence_head else None
     task_obj = get_task(task)
     if threshold_file:
-        calibrated = load_threshold(threshold_file)
-        suite = dataclasses.replace(suite, calibrated_threshold=calibrated.threshold)
+        suite = with_threshold_file(suite, threshold_file)
     batches = split_batches(
         task_obj, tok, split, data_dir=data_dir, batch_size=max(suite.batch_sizes),
         max_input_length=max_input_length, max_target_length=settings.max_decode_len,

@@ -10,6 +10,10 @@
 build its spec through `specs.spec_for` (an option the method has no field for is an error). In a
 terminal, shallow-exit tokens print in green and deep ones in the default colour (`--color`
 forces or disables it); `--show_confidence` appends each token's confidence.
+
+An input longer than `--max_input_length` tokens (default 64, evaluate's and calibrate's) is cut to
+its first tokens with a warning, as evaluation's pipeline cuts it; a prompt to a model with learned
+positions (GPT-2) is also cut to leave room for `--max_decode_len` new tokens in its table.
 """
 
 from __future__ import annotations
@@ -35,6 +39,47 @@ SPEC_OPTIONS = ("exit_layer", "window", "measure", "rollback", "records", "posit
                 "temperature", "beam_size", "length_penalty")  # fmt: skip
 # The spec fields `--exit_layer` sets: static's k, CALM's minimum exit, FREE's S.
 EXIT_FIELDS = {"exit_layer", "min_exit", "shallow"}
+# evaluate.max_input_length's and calibrate.max_input_length's default: generate sees an input as
+# evaluation scores it.
+DEFAULT_MAX_INPUT_LENGTH = 64
+
+
+def input_ids(tok, config, text: str, max_input_length: int, max_decode_len: int) -> list[int]:
+    """The model's input ids for `text`, cut to `max_input_length` with a warning on stderr.
+
+    T5: the text's first `max_input_length - 1` tokens and EOS (as `data.pipeline` cuts them). A
+    decoder-only model: [BOS] + the text, its first `max_input_length` tokens (as
+    `data.lm_pipeline` cuts prompts), and with learned positions (GPT-2) no more than its position
+    table leaves room for after `max_decode_len` new tokens.
+    """
+    if max_input_length < 2:
+        raise SystemExit(f"--max_input_length={max_input_length}: must be at least 2")
+    if isinstance(config, T5Config):
+        ids = tok.encode(text) + [tok.eos_id]  # T5's encoder input ends with EOS
+        limit = max_input_length
+        kept = ids if len(ids) <= limit else ids[: limit - 1] + [tok.eos_id]
+    else:  # a decoder-only model continues the prompt: [BOS] + text, as it was trained
+        bos = default_bos_id(getattr(config, "bos_token_id", None), config.eos_token_id)
+        ids = ([] if bos is None else [bos]) + tok.encode(text)
+        if not ids:
+            raise SystemExit("an empty prompt: give some text to continue")
+        limit = max_input_length
+        if config.positions == "learned":  # a position table: prompt + new tokens must fit it
+            room = config.max_position_embeddings - max_decode_len
+            if room < 1:
+                raise SystemExit(
+                    f"--max_decode_len={max_decode_len} leaves no room for a prompt within the "
+                    f"model's {config.max_position_embeddings} learned positions"
+                )
+            limit = min(limit, room)
+        kept = ids[:limit]
+    if len(ids) > limit:
+        print(
+            f"warning: the input has {len(ids)} tokens; cut to its first {limit} "
+            f"(--max_input_length={max_input_length})",
+            file=sys.stderr,
+        )
+    return kept
 
 
 def token_pieces(tokenizer, ids: Sequence[int]) -> list[str]:
@@ -87,6 +132,8 @@ def parse_args(argv):
                    help="for --measure=learned: a file from loading.save_confidence_head")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--max_decode_len", type=int, default=64)
+    p.add_argument("--max_input_length", type=int, default=DEFAULT_MAX_INPUT_LENGTH,
+                   help="input tokens kept (longer inputs are cut, with a warning)")  # fmt: skip
     p.add_argument("--task", default=None, help="prepend this task's input prefix")
     p.add_argument("--show_confidence", action="store_true")
     p.add_argument("--color", choices=("auto", "always", "never"), default="auto")
@@ -134,13 +181,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     head = None
     if args.confidence_head:
         head = load_confidence_head(args.confidence_head, config)
-    if isinstance(config, T5Config):
-        ids = tok.encode(text) + [tok.eos_id]  # T5's encoder input ends with EOS
-    else:  # a decoder-only model continues the prompt: [BOS] + text, as it was trained
-        bos = default_bos_id(getattr(config, "bos_token_id", None), config.eos_token_id)
-        ids = ([] if bos is None else [bos]) + tok.encode(text)
-        if not ids:
-            raise SystemExit("an empty prompt: give some text to continue")
+    ids = input_ids(tok, config, text, args.max_input_length, args.max_decode_len)
     result = decode(
         config, params, np.asarray([ids], np.int32), spec, max_decode_len=args.max_decode_len,
         threshold=threshold, confidence_params=head, rng=jax.random.key(args.seed),

@@ -18,6 +18,7 @@ from flax import serialization
 
 from free_jax.checkpoints import load_hf, load_params, load_t5x
 from free_jax.data import load_tokenizer
+from free_jax.data.tokenizer import check_vocabulary_fits
 from free_jax.models import T5Config
 from free_jax.models.configs import describe_config  # noqa: F401  (re-exported)
 
@@ -59,11 +60,8 @@ def load_model(checkpoint: str, tokenizer: str | None = None, **config_overrides
     if tok_path is None and path.is_dir():
         tok_path = _find_tokenizer(path)
     tok = load_tokenizer(str(tok_path)) if tok_path is not None else None
-    if tok is not None and tok.vocab_size > config.vocab_size:
-        raise ValueError(
-            f"tokenizer {tok_path} has {tok.vocab_size} ids but the model's vocabulary is "
-            f"{config.vocab_size}"
-        )
+    if tok is not None:
+        check_vocabulary_fits(tok.vocab_size, config.vocab_size, tokenizer=str(tok_path))
     return config, params, tok
 
 
@@ -74,6 +72,21 @@ def load_model_and_tokenizer(checkpoint: str, tokenizer: str | None, *, flag: st
     if tok is None:
         raise FileNotFoundError(f"{checkpoint}: no tokenizer found; pass {flag}")
     return config, params, tok
+
+
+def with_exit_heads(config, params, path: str | os.PathLike):
+    """The model with the self-supervised exit heads of `path` (an exit-heads run's
+    MODEL_DIR/exit_heads.msgpack, checked against this backbone): (HeadedConfig, params tree
+    {"backbone", "exit_heads"}), which every decoder reads through the model protocol."""
+    from free_jax.models import HeadedConfig
+    from free_jax.models.exit_heads import exit_head_layers, load_exit_heads
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "exit_heads.msgpack"
+    heads = load_exit_heads(path, config)
+    layers = tuple(exit_head_layers(heads))
+    return HeadedConfig(base=config, head_layers=layers), {"backbone": params, "exit_heads": heads}
 
 
 def save_confidence_head(path: str | os.PathLike, head_params) -> Path:

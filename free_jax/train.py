@@ -120,7 +120,9 @@ def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def parse_gin(gin_files: Sequence[str], bindings: Sequence[str], search_paths=()) -> None:
-    """Parses files then bindings (later ones win); errors carry gin's file and line."""
+    """Parses files then bindings (later ones win) into a fresh config (an entry point's config is
+    its flags, also when a process runs several entry points); errors carry gin's file and line."""
+    gin.clear_config()  # also unlocks a config a previous entry point finalized
     for path in [GIN_CONFIGS, *search_paths]:
         if str(path) not in gin.config._LOCATION_PREFIXES:
             gin.add_config_file_search_path(str(path))

@@ -39,7 +39,13 @@ Decoders (`--decoders`) are named specs (`decoder_specs`, one dict): "greedy", "
 (`StaticSpec(k)`, k = `--static_layer` or S), "calm" (`CalmSpec()`: its minimum exit is the spec's
 default, layer 1, as in the evaluation suite; the README's table was measured with S), "free"
 (`FreeSpec(window=--window)`), "free_norecords" (the same without agreement records),
-"free_lossless", "sample" (`SampleSpec(top_k=50)`) and "beam" (`BeamSpec(beam_size=4)`).
+"free_lossless", "free_deferred" (FREE with deferred deep passes, `decoding/deferral.py`: its policy
+is planned per batch size from step costs fitted to FREE runs on this machine and the measured exit
+rate; rows report passes, examples served per pass and waits), "sample" (`SampleSpec(top_k=50)`) and "beam" (`BeamSpec(beam_size=4)`); with many
+exits at `--exits` (default three spread evenly, where exit heads go; on random weights every exit
+reads the shared head, which times the same computation trained heads cost): "free_exits"
+(multi-exit FREE), "free_exits_lossless" and "calm_exits" (CALM testing only those layers). Their
+bound is L over the mean exit layer (a token waits for the layer it leaves at), like CALM's.
 """
 
 from __future__ import annotations
@@ -60,10 +66,12 @@ from free_jax.benchmarks.decode_bounds import (
     bound_with_heads,
     component_times,
     layer_bound,
+    measure_step_costs,
     pieces_bound,
     timed_runs,
 )
 from free_jax.decoding import cpu_flags, make_decoder, pass_widths
+from free_jax.decoding.deferral import plan_deferral
 from free_jax.decoding.specs import (
     DEFAULT_THRESHOLD,
     NEEDS_THRESHOLD,
@@ -77,12 +85,17 @@ from free_jax.decoding.specs import (
 )
 from free_jax.evaluation.suite import spec_fields
 from free_jax.models import T5Config, param_shapes, preset
+from free_jax.models.exit_heads import default_exit_head_layers
 from free_jax.models.lm_config import LM_PRESETS, lm_preset
 
 
-def decoder_specs(*, window: int = 8, static_k: int = 1) -> dict[str, Spec]:
-    """The benchmark's decoders by name: every option of each is its spec's."""
+def decoder_specs(
+    *, window: int = 8, static_k: int = 1, exits: tuple[int, ...] = (1, 2)
+) -> dict[str, Spec]:
+    """The benchmark's decoders by name: every option of each is its spec's (`exits`: the layers
+    of the many-exit decoders)."""
     free = FreeSpec(window=window)
+    many = dataclasses.replace(free, exits=tuple(exits))
     return {
         "greedy": GreedySpec(),
         "static": StaticSpec(exit_layer=static_k),
@@ -90,13 +103,18 @@ def decoder_specs(*, window: int = 8, static_k: int = 1) -> dict[str, Spec]:
         "free": free,
         "free_norecords": dataclasses.replace(free, records=False),
         "free_lossless": dataclasses.replace(free, lossless=True),
+        "free_deferred": free,  # its policy (min_waiting, max_wait) is planned per batch size
         "sample": SampleSpec(top_k=50),
         "beam": BeamSpec(beam_size=4),
+        "free_exits": many,
+        "free_exits_lossless": dataclasses.replace(many, lossless=True),
+        "calm_exits": CalmSpec(exits=tuple(exits)),
     }
 
 
 DECODERS = tuple(decoder_specs())
-DEFAULT_DECODERS = DECODERS[:6]
+MANY_EXITS = ("free_exits", "free_exits_lossless", "calm_exits")
+DEFAULT_DECODERS = DECODERS[:7]
 EARLY_EXIT = tuple(n for n, spec in decoder_specs().items() if isinstance(spec, NEEDS_THRESHOLD))
 
 
@@ -151,6 +169,36 @@ def random_inputs(config, batch: int, source_len: int, seed: int = 0) -> np.ndar
 
 
 # ============================================================================== timing
+
+
+def plan_for_batch(free_decoder, params, enc, threshold, args) -> dict:
+    """FREE deferred's policy at this batch: step costs fitted to FREE runs on this machine
+    (`measure_step_costs`), the exit rate measured at `threshold`, `plan_deferral`."""
+    num_layers = free_decoder.spec.config.num_decoder_layers
+    costs = measure_step_costs(
+        free_decoder, params, enc, (2.0, -1.0, threshold), args.window, repeats=args.repeats
+    )
+    p = free_decoder(params, enc, threshold).exit_rate(num_layers)
+    policy, table = plan_deferral(
+        costs, batch=enc.shape[0], exit_rate=p, window=args.window, length=args.max_decode_len
+    )
+    return {
+        "min_waiting": policy.min_waiting, "max_wait": policy.max_wait, "exit_rate": p,
+        "step_costs_ms": {"shallow": costs.shallow, "deep": costs.deep},
+        "simulated_gain": table[(1, 0)] / table[(policy.min_waiting, policy.max_wait)],
+    }  # fmt: skip
+
+
+def schedule_stats(result) -> dict:
+    """A FREE run's schedule: batch deep passes, examples served per pass, waits."""
+    passes = int(np.asarray(result.pass_width_counts).sum())
+    served = int(np.asarray(result.num_served).sum())
+    return {
+        "batch_passes": passes,
+        "served_per_pass": served / max(passes, 1),
+        "mean_wait": int(np.asarray(result.wait_steps).sum()) / max(served, 1),
+        "max_wait": int(np.asarray(result.max_wait).max(initial=0)),
+    }
 
 
 def calibrate(decoder, params, enc, target: float, num_layers: int, iterations: int = 6):
@@ -236,7 +284,8 @@ def run(args) -> tuple[list[dict], dict]:
     static_k = args.static_layer or shallow
     params = random_params(config, args.seed, args.embedding_std)
     enc_all = random_inputs(config, max(args.batch_sizes), args.source_len, args.seed)
-    specs = decoder_specs(window=args.window, static_k=static_k)
+    exits = tuple(args.exits) if args.exits else default_exit_head_layers(num_layers, 3)
+    specs = decoder_specs(window=args.window, static_k=static_k, exits=exits)
     decoder_for = lambda name: make_decoder(
         config, specs[name], max_decode_len=args.max_decode_len
     )  # fmt: skip
@@ -246,12 +295,20 @@ def run(args) -> tuple[list[dict], dict]:
         enc = enc_all[:batch]
         thresholds = {name: args.threshold for name in EARLY_EXIT}
         if args.force_exit_rate is not None:
-            for name in ("calm", "free", "free_lossless"):
-                if name in args.decoders or (name == "free" and "free_norecords" in args.decoders):
+            free_like = {"free", "free_norecords", "free_deferred"}
+            for name in ("calm", "free", "free_lossless", *MANY_EXITS):
+                if name in args.decoders or (name == "free" and free_like & set(args.decoders)):
                     thresholds[name] = calibrate(
                         decoder_for(name), params, enc, args.force_exit_rate, num_layers
                     )
-            thresholds["free_norecords"] = thresholds["free"]  # the same exit decisions
+        # the same exit decisions as FREE's
+        thresholds["free_norecords"] = thresholds["free_deferred"] = thresholds["free"]
+        deferral = None
+        if "free_deferred" in args.decoders:
+            deferral = plan_for_batch(decoder_for("free"), params, enc, thresholds["free"], args)
+            specs["free_deferred"] = dataclasses.replace(
+                specs["free"], min_waiting=deferral["min_waiting"], max_wait=deferral["max_wait"]
+            )
         parts = components[batch] = component_times(config, params, enc, args.window)
         runners = {}
         for name in args.decoders:
@@ -321,6 +378,9 @@ def run(args) -> tuple[list[dict], dict]:
                 record["pass_width_counts"] = dict(
                     zip(widths, np.asarray(result.pass_width_counts).tolist(), strict=True)
                 )
+                record.update(schedule_stats(result))
+                if name == "free_deferred":
+                    record["deferral"] = deferral
             records.append(record)
     return records, components
 
@@ -356,7 +416,20 @@ def format_table(records: list[dict], components: dict) -> str:
     for r in records:
         if r.get("pass_width_counts"):
             counts = ", ".join(f"{c}: {n}" for c, n in r["pass_width_counts"].items())
-            lines.append(f"{r['decoder']} batch {r['batch_size']} deep passes by width: {counts}")
+            lines.append(
+                f"{r['decoder']} batch {r['batch_size']} deep passes by width: {counts}; "
+                f"{r['served_per_pass']:.2f} waiting examples served per pass, wait mean "
+                f"{r['mean_wait']:.2f} / max {r['max_wait']} steps"
+            )
+        if r.get("deferral"):
+            d = r["deferral"]
+            lines.append(
+                f"{r['decoder']} batch {r['batch_size']} policy: min_waiting {d['min_waiting']}, "
+                f"max_wait {d['max_wait']} (fitted step costs: shallow "
+                f"{d['step_costs_ms']['shallow']:.3f} ms, pass of 1 "
+                f"{d['step_costs_ms']['deep'][1]:.3f} ms; simulated gain "
+                f"{d['simulated_gain']:.2f}x over no deferral)"
+            )
     return "\n".join(lines)
 
 
@@ -371,6 +444,10 @@ def parse_args(argv=None):
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--window", type=int, default=8)
     parser.add_argument("--decoders", nargs="+", default=list(DEFAULT_DECODERS), choices=DECODERS)
+    parser.add_argument(
+        "--exits", type=int, nargs="+", default=None,
+        help="the many-exit decoders' layers (default: 3 spread evenly, as exit heads are)",
+    )  # fmt: skip
     parser.add_argument("--force_exit_rate", type=float, default=None)
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
     parser.add_argument("--embedding_std", type=float, default=0.3)

@@ -16,6 +16,7 @@ import numpy as np
 
 from free_jax.decoding import confidence as conf_lib
 from free_jax.decoding import free_bound, pass_widths
+from free_jax.decoding.deferral import StepCosts
 from free_jax.decoding.specs import CalmSpec, FreeSpec, Spec, StaticSpec
 from free_jax.models import bind
 
@@ -33,6 +34,11 @@ def timed_runs(fn, repeats: int):
     return first, statistics.median(times), result
 
 
+def _many(spec: Spec) -> bool:
+    """A CALM or FREE spec with more than one listed exit."""
+    return getattr(spec, "exits", None) is not None and len(spec.exits) > 1
+
+
 def _free_shallow(spec: FreeSpec, shallow: int) -> int:
     """FREE's S: the spec's, else the config's (`shallow`)."""
     return shallow if spec.shallow is None else spec.shallow
@@ -43,11 +49,11 @@ def layer_bound(spec: Spec, result, num_layers: int, shallow: int) -> float:
 
     `shallow` is the config's S (FREE's when its spec leaves `shallow` unset).
     """
-    if isinstance(spec, FreeSpec):
+    if isinstance(spec, FreeSpec) and not _many(spec):
         return free_bound(num_layers, _free_shallow(spec, shallow), result.exit_rate(num_layers))
     if isinstance(spec, StaticSpec):
         return num_layers / spec.exit_layer
-    if isinstance(spec, CalmSpec):
+    if isinstance(spec, CalmSpec | FreeSpec):  # a token waits for the layer it leaves at
         exit_layer_BN = np.asarray(result.exit_layer)
         return num_layers / float(exit_layer_BN[exit_layer_BN > 0].mean())
     return 1.0
@@ -56,19 +62,21 @@ def layer_bound(spec: Spec, result, num_layers: int, shallow: int) -> float:
 def bound_with_heads(spec: Spec, result, num_layers: int, shallow: int, h: float) -> float:
     """`layer_bound` with every exit head counted as `h` layers (the full model pays one per token).
 
-    FREE: one head per token at S and one per deep pass; static: one at k; CALM: one at every
-    layer it tests, from its minimum exit layer up to where the token leaves.
+    FREE: one head per token at S and one per deep pass; static: one at k; CALM (and FREE with
+    many exits): one at every exit it tests up to where the token leaves, and the final one.
     """
     p = result.exit_rate(num_layers)
-    if isinstance(spec, FreeSpec):
+    if isinstance(spec, FreeSpec) and not _many(spec):
         s = _free_shallow(spec, shallow)
         return (num_layers + h) / (s + h + (1 - p) * (num_layers - s + h))
     if isinstance(spec, StaticSpec):
         return (num_layers + h) / (spec.exit_layer + h)
-    if isinstance(spec, CalmSpec):
+    if isinstance(spec, CalmSpec | FreeSpec):
         exit_layer = np.asarray(result.exit_layer)
         exit_layer = exit_layer[exit_layer > 0].astype(np.float64)
-        tested = exit_layer - spec.min_exit + 1
+        exits = spec.exits if spec.exits is not None else range(spec.min_exit, num_layers)
+        tested = np.searchsorted(np.asarray(exits), exit_layer, side="right")
+        tested = tested + (exit_layer == num_layers)
         return (num_layers + h) / float(np.mean(exit_layer + h * tested))
     return 1.0
 
@@ -140,7 +148,7 @@ def pieces_bound(spec: Spec, result, parts: dict, num_layers: int, shallow: int)
     the layer-count bounds this charges a pass what it costs at its width on this machine, so
     `speedup / pieces_bound` isolates the loop's own overhead. None for other decoders.
     """
-    if not isinstance(spec, FreeSpec):
+    if not isinstance(spec, FreeSpec) or _many(spec):
         return None
     shallow = _free_shallow(spec, shallow)
     steps_per_example = np.asarray(result.lengths).max()  # greedy's loop runs this many steps
@@ -153,3 +161,28 @@ def pieces_bound(spec: Spec, result, parts: dict, num_layers: int, shallow: int)
     )
     free_ms = int(result.num_steps) * (shallow * parts["layer"] + parts["head"]) + passes_ms
     return float(greedy_ms / free_ms)
+
+
+def measure_step_costs(decoder, params, enc, thresholds, window: int, repeats: int = 3):
+    """FREE's step costs on this machine, model and batch (`deferral.StepCosts`, milliseconds),
+    fitted to whole decoder runs: each run at a threshold of `thresholds` takes `num_steps`
+    shallow steps and some passes at each width, so its median wall time is
+    steps * shallow + sum_w passes_w * (deep_1 + (w - 1) * per_row); least squares over the runs
+    (thresholds that give different mixes: never exit, always exit, in between) gives the three
+    costs, loop overheads included, which the pieces of `component_times` leave out."""
+    rows, times = [], []
+    widths = pass_widths(window)
+    for threshold in thresholds:
+        _, seconds, result = timed_runs(lambda t=threshold: decoder(params, enc, t), repeats)
+        counts = np.asarray(result.pass_width_counts, np.float64)
+        rows.append(
+            [float(result.num_steps), counts.sum(), float(counts @ (np.asarray(widths) - 1))]
+        )
+        times.append(1000 * seconds)
+    (shallow, deep_1, per_row), *_ = np.linalg.lstsq(
+        np.asarray(rows), np.asarray(times), rcond=None
+    )
+    shallow, deep_1, per_row = max(shallow, 1e-6), max(deep_1, 0.0), max(per_row, 0.0)
+    return StepCosts(
+        shallow=float(shallow), deep={w: float(deep_1 + (w - 1) * per_row) for w in widths}
+    )

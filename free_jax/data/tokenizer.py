@@ -291,6 +291,52 @@ def load_hf_tokenizer(path: str | os.PathLike, **kwargs) -> HFTokenizer:
     return HFTokenizer(tok, **{**_special_tokens(path.parent, tok), **kwargs})
 
 
+# ---------------------------------------------------------------------------------------------
+# Does a tokenizer fit a model?
+# ---------------------------------------------------------------------------------------------
+
+# T5 appends up to 100 sentinel ids after its SentencePiece pieces and pads the embedding table to
+# a multiple of 128 (32000 pieces -> 32128 ids); decoder-only checkpoints pad far less (Pythia:
+# 50277 -> 50304) or not at all.
+T5_EXTRA_IDS = 100
+VOCAB_MULTIPLE = 128
+
+
+def check_vocabulary_fits(
+    tokenizer_size: int,
+    vocab_size: int,
+    *,
+    tokenizer: str,
+    advice: str = "use the tokenizer the model was trained with",
+) -> None:
+    """Raises ValueError unless a model with `vocab_size` ids was made for a tokenizer of
+    `tokenizer_size` ids (`tokenizer` names its file in the message, `advice` ends it).
+
+    The rule: tokenizer_size <= vocab_size <= round_up(tokenizer_size + 100, 128), i.e. the model
+    has at most the ids T5's convention adds (100 sentinels, then padding to a multiple of 128).
+    A larger tokenizer would give ids the model has no embedding for; a much smaller one is a
+    different vocabulary (the model's ids would decode to the wrong pieces).
+
+    >>> check_vocabulary_fits(32000, 32128, tokenizer="spiece.model")  # T5
+    >>> check_vocabulary_fits(128, 4000, tokenizer="spm_128.model")
+    Traceback (most recent call last):
+    ...
+    ValueError: tokenizer spm_128.model has 128 ids, too few for the model's vocabulary of 4000 ids (a model made for a 128-id tokenizer has at most 256); use the tokenizer the model was trained with
+    """
+    most = -(-(tokenizer_size + T5_EXTRA_IDS) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    if tokenizer_size > vocab_size:
+        raise ValueError(
+            f"tokenizer {tokenizer} has {tokenizer_size} ids but the model's vocabulary has only "
+            f"{vocab_size}; {advice}"
+        )
+    if vocab_size > most:
+        raise ValueError(
+            f"tokenizer {tokenizer} has {tokenizer_size} ids, too few for the model's vocabulary "
+            f"of {vocab_size} ids (a model made for a {tokenizer_size}-id tokenizer has at most "
+            f"{most}); {advice}"
+        )
+
+
 def load_tokenizer(path: str | os.PathLike, *, extra_ids: int = 0) -> Tokenizer:
     """Loads a SentencePiece `.model` file or a Hugging Face `tokenizer.json`.
 

@@ -13,7 +13,8 @@ is prefilled into every layer's cache and `.tokens` are the tokens generated aft
 
 Static (a new value compiles once): the config, the spec's static fields (see `specs.py`),
 max_decode_len and the input shapes. Traced (a new value never recompiles): params, the inputs,
-the threshold, the spec's value fields (position_temp, rollback, temperature, length_penalty),
+the threshold, the spec's value fields (position_temp, rollback, temperature, length_penalty,
+FREE's deferral policy min_waiting / max_wait),
 per-example max lengths and prompt lengths, the sampling key and the learned confidence head's
 parameters.
 
@@ -90,7 +91,9 @@ class TracedOptions:
     """Per-call values, traced (shapes fixed per spec and batch).
 
     Attributes:
-      threshold, position_temp, rollback_threshold, temperature, length_penalty: [] float32.
+      threshold: [] float32, or [m] one per exit (specs with `exits`).
+      position_temp, rollback_threshold, temperature, length_penalty: [] float32.
+      min_waiting, max_wait: [] int32 FREE's deferral policy.
       max_lengths_B: [B] int32.
       input_lengths_B: [B] int32 prompt lengths (decoder-only models), or None.
       rng: a PRNG key (sampling).
@@ -102,6 +105,8 @@ class TracedOptions:
     rollback_threshold: jax.Array
     temperature: jax.Array
     length_penalty: jax.Array
+    min_waiting: jax.Array
+    max_wait: jax.Array
     max_lengths_B: jax.Array
     input_lengths_B: Any
     rng: jax.Array
@@ -136,14 +141,15 @@ def _run(key: DecoderSpec, params, inputs_BS, options: TracedOptions):
     if isinstance(spec, CalmSpec):
         return calm_decode(
             c, params, inputs_BS, options.threshold, min_exit_layer=spec.min_exit,
-            position_temp=options.position_temp, **scored,
+            position_temp=options.position_temp, exits=spec.exits, **scored,
         )  # fmt: skip
     if spec.shallow is not None:
         c = c.replace(shallow_exit_layer=spec.shallow)
     return free_decode(
         c, params, inputs_BS, options.threshold, window=spec.window, mode=spec.mode,
         rollback_threshold=options.rollback_threshold, position_temp=options.position_temp,
-        records=spec.records, **scored,
+        records=spec.records, exits=spec.exits, min_waiting=options.min_waiting,
+        max_wait=options.max_wait, **scored,
     )  # fmt: skip
 
 
@@ -200,13 +206,22 @@ class Decoder:
         rng=None,
         temperature=None,
         length_penalty=None,
+        min_waiting=None,
+        max_wait=None,
     ) -> TracedOptions:
         spec, n = self.method_spec, self.spec.max_decode_len
         if isinstance(spec, specs_lib.NEEDS_THRESHOLD) and threshold is None:
             raise ValueError(f"{type(spec).__name__} needs a threshold")
         if threshold is not None and not isinstance(threshold, jax.core.Tracer):
-            if np.isnan(np.asarray(threshold, np.float32)).any():
+            values = np.asarray(threshold, np.float32)
+            if np.isnan(values).any():
                 raise ValueError("threshold is NaN; give a number (a confidence in [0, 1])")
+            m = specs_lib.num_exits(spec)
+            if values.shape not in ((), (m,)):
+                raise ValueError(
+                    f"threshold has shape {values.shape}; {type(spec).__name__} takes a scalar"
+                    + (f" or one per exit ({m},)" if m > 1 else "")
+                )
         if getattr(spec, "measure", None) == "learned" and confidence_params is None:
             raise ValueError("measure 'learned' needs confidence_params (a ConfidenceHead's)")
         default = lambda given, field, fallback: (
@@ -224,6 +239,8 @@ class Decoder:
             rollback_threshold=f32(np.inf if rollback is None else rollback),
             temperature=f32(default(temperature, "temperature", 1.0)),
             length_penalty=f32(default(length_penalty, "length_penalty", 0.0)),
+            min_waiting=jnp.asarray(default(min_waiting, "min_waiting", 1), jnp.int32),
+            max_wait=jnp.asarray(default(max_wait, "max_wait", 0), jnp.int32),
             max_lengths_B=jnp.clip(jnp.asarray(max_lengths, jnp.int32), 0, n),
             input_lengths_B=None
             if prompt_lengths is None

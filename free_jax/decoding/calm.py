@@ -49,13 +49,14 @@ def calm_decode(
     position_temp=0.0,
     max_lengths_B=None,
     confidence_params=None,
+    exits: tuple[int, ...] | None = None,
 ) -> DecodeResult:
     """CALM early-exit greedy decoding with state copying.
 
     Args:
       config, params: the model.
       inputs_BS: [B, S] int32 encoder tokens (T5) or right-padded prompts (decoder-only).
-      threshold: traced scalar; exit when confidence > threshold.
+      threshold: traced scalar, or [m] one per tested exit; exit when confidence > threshold.
       max_decode_len: N, static.
       input_lengths_B: [B] prompt lengths (decoder-only).
       min_exit_layer: static; the first layer whose exit is tested (1 <= m < L).
@@ -63,16 +64,27 @@ def calm_decode(
       position_temp: traced; CALM's threshold decay over positions (0: none).
       max_lengths_B: optional [B] per-example maximum lengths.
       confidence_params: `ConfidenceHead` parameters for measure "learned".
+      exits: static; test only after these layers (e.g. the layers with exit heads), each with
+        its own threshold; None: every layer from `min_exit_layer`.
     Returns:
-      `DecodeResult`; exit_layer per token in [min_exit_layer, L].
+      `DecodeResult`; exit_layer per token in [min_exit_layer, L] (in `exits` or L).
     """
     conf_lib.check_measure(measure)
     config.check_exit_layer(min_exit_layer, what="CALM min_exit_layer")
+    num_layers = config.num_decoder_layers
+    if exits is None:
+        exits = tuple(range(min_exit_layer, num_layers))
+    else:
+        from free_jax.decoding.free import check_exits
+
+        exits = tuple(int(x) for x in exits)
+        check_exits(config, exits)
+        min_exit_layer = exits[0]
+    threshold_E = jnp.broadcast_to(jnp.asarray(threshold, jnp.float32), (len(exits),))
     setup = decode_setup(
         config, params, inputs_BS, max_decode_len, max_lengths_B, input_lengths_B=input_lengths_B
     )
     model, ctx, b, n, max_len_B = setup.model, setup.ctx, setup.batch, setup.length, setup.max_len_B
-    num_layers = config.num_decoder_layers
     state = CalmState(
         **start_fields(setup),
         step=jnp.zeros((), jnp.int32),
@@ -94,7 +106,6 @@ def calm_decode(
     def body(s: CalmState) -> CalmState:
         step_B = jnp.full((b,), s.step, jnp.int32)
         offset_B = ctx.base_B + s.step
-        threshold_B = conf_lib.decayed_threshold(threshold, step_B + 1, n, position_temp)
         hidden_B1D = model.embed(s.last_token_B[:, None], offset_B)
         running_B = ~s.done_B
         token_B = jnp.zeros((b,), jnp.int32)
@@ -122,11 +133,14 @@ def calm_decode(
             prev_B1D = hidden_B1D
             hidden_B1D = jnp.where(running_B[:, None, None], new_B1D, hidden_B1D)
             depth = layer + 1
-            if depth < min_exit_layer:
+            if depth < num_layers and depth not in exits:
                 continue
             head = functools.partial(exit_head, layer=depth)
             tok_B, c_B = jax.lax.cond(any_running, head, no_head, hidden_B1D, prev_B1D)
             if depth < num_layers:
+                threshold_B = conf_lib.decayed_threshold(
+                    threshold_E[exits.index(depth)], step_B + 1, n, position_temp
+                )
                 leave_B = running_B & conf_lib.exits(c_B, threshold_B)
             else:
                 leave_B = running_B  # the deep exit takes whoever is left

@@ -16,6 +16,9 @@ Batching. The pass runs for the whole batch or not at all; when it runs every un
 flushes its stack in it (the pass costs the same) and an example that was confident keeps its
 shallow token. The pass runs at the smallest static width in (1, 2, 4, ..., W) covering the
 largest stack in the batch (`lax.switch`): it pays for the width it is given, not the window.
+With a deferral policy (`deferral.py`; `min_waiting`, `max_wait`) an example that needs the deep
+layers may instead wait at its position while the others keep taking shallow steps, until enough
+examples wait (or one has waited long enough, or all do); its token is the same either way.
 
 Loop structure. The shallow steps run in an inner `while_loop` (`shallow_step`) that carries only
 what they touch; it stops at the first step whose batch needs the deep layers, and the outer loop
@@ -39,6 +42,22 @@ Modes (static):
 In the two verifying modes a shallow EOS or a token at the maximum length forces a pass, so no
 token is final before the deep layers have checked it. Rejections are taken in position order, so a
 batch decodes to the same tokens as each example alone.
+
+Many exits (`exits=(E_0, ..., E_{m-1})`, e.g. self-supervised exit heads; one threshold per
+exit). A token leaves at the first exit whose confidence passes that exit's threshold. Each stacked
+position remembers the exit it has been carried to (its *frontier*: the deep key/values below it
+are exact, its hidden state there is on the stack). When the current token fails exit j, the
+layers [E_j, E_{j+1}) run once over every stacked position whose frontier is E_j plus the current
+one, each entering at its own frontier; frontiers never increase along the stack, so that is a
+contiguous suffix and no cache row is ever written twice or left missing. The current token then
+tests exit j + 1, and so on; only a pass that reaches layer L flushes the stack (and verifies, in
+the verifying modes). With one exit this is FREE exactly as above.
+
+    exits (2, 4), L = 6, one example; c_j = leaves at exit j, d = fails both:
+    step:      0     1     2               3
+    decision:  c_0   c_0   d(2->4->6)      c_0
+    frontier:  2     2,2   pass [2,4) over rows 0..2, [4,6) over rows 0..2; stack empty
+                                           2
 
 Records: every position a pass covers yields (shallow confidence, shallow argmax == deep argmax),
 stored by position in `AgreementRecords` (the current position is included; the reference records
@@ -95,6 +114,22 @@ def _take_rows(a_BN: jax.Array, idx_BM: jax.Array) -> jax.Array:
     return jnp.take_along_axis(a_BN, jnp.clip(idx_BM, 0, a_BN.shape[1] - 1), axis=1)
 
 
+def _take_slots(a_BWD: jax.Array, idx_BM: jax.Array) -> jax.Array:
+    """a_BWD[b, idx_BM[b, m]] ([B, M, D]) with slot indices clipped into range."""
+    idx_BM1 = jnp.clip(idx_BM, 0, a_BWD.shape[1] - 1)[:, :, None]
+    return jnp.take_along_axis(a_BWD, idx_BM1, axis=1)
+
+
+def check_exits(config, exits: tuple[int, ...], what: str = "exits") -> None:
+    """Exit layers must be strictly increasing proper intermediate layers of the decoder."""
+    if not exits:
+        raise ValueError(f"{what} is empty: give one or more exit layers")
+    for layer in exits:
+        config.check_exit_layer(layer, what=what)
+    if any(b <= a for a, b in zip(exits, exits[1:])):
+        raise ValueError(f"{what}={tuple(exits)!r} must be strictly increasing")
+
+
 def free_loop(
     config,
     params,
@@ -111,14 +146,19 @@ def free_loop(
     max_lengths_B=None,
     confidence_params=None,
     records: bool = True,
+    exits: tuple[int, ...] | None = None,
+    min_waiting=1,
+    max_wait=0,
+    trigger_hook=None,
 ) -> FreeState:
     """Runs FREE to the end and returns the final loop state (caches included); see the module doc.
 
     Args:
-      config, params: the model; S = config.shallow_layer.
+      config, params: the model; S = config.shallow_layer unless `exits` are given.
       inputs_BS: [B, S] int32 encoder tokens, 0 is padding (T5), or right-padded prompts
         (decoder-only: prefilled through every layer, so the first pass is exact too).
-      threshold: traced scalar; a token exits when its shallow confidence > threshold.
+      threshold: traced scalar, or [m] (one per exit); a token exits at exit j when its
+        confidence there > threshold[j].
       max_decode_len: N, static.
       input_lengths_B: [B] prompt lengths (decoder-only; None: full rows).
       window: W, static: most positions in one deep pass.
@@ -132,27 +172,42 @@ def free_loop(
       records: static; keep the agreement records. Without them (and in "plain" mode) the deep
         exit reads only each example's current position, which makes a pass cheaper where the LM
         head is costly (large vocabularies on CPU).
+      exits: static increasing exit layers in [1, L) (None: (S,)); see the module doc.
+      min_waiting, max_wait: traced deferral policy (`deferral.py`): the deep pass runs once at
+        least `min_waiting` examples wait for it, or one has waited `max_wait` shallow steps, or
+        every unfinished example waits; (1, 0) runs it as soon as one example needs it.
+      trigger_hook: static, tests only: `hook(state) -> [] bool` runs the pass early (whenever
+        some example waits and the hook says so), to force arbitrary schedules.
     """
     conf_lib.check_measure(measure)
     if mode not in MODES:
         raise ValueError(f"unknown FREE mode {mode!r}; expected one of {MODES}")
     verify = mode != "plain"
+    exits = (config.shallow_layer,) if exits is None else tuple(int(x) for x in exits)
+    check_exits(config, exits)
+    m = len(exits)
+    if m > 1 and measure == "hidden_cosine":
+        raise ValueError("measure 'hidden_cosine' supports one exit only (FREE's S)")
+    threshold_E = jnp.broadcast_to(jnp.asarray(threshold, jnp.float32), (m,))
+    bounds = (*exits, config.num_decoder_layers)  # segment j runs layers [bounds[j], bounds[j+1])
     # slack: a pass near the end writes up to W rows
     setup = decode_setup(
         config, params, inputs_BS, max_decode_len, max_lengths_B,
         input_lengths_B=input_lengths_B, slack=window,
     )  # fmt: skip
     model, ctx, b, n, max_len_B = setup.model, setup.ctx, setup.batch, setup.length, setup.max_len_B
-    w, num_layers, shallow = window, config.num_decoder_layers, config.shallow_layer
+    w, num_layers, shallow = window, config.num_decoder_layers, exits[0]
     widths = pass_widths(w)
     rows_W = jnp.arange(w, dtype=jnp.int32)
 
     current_only = mode == "plain" and not records
 
+    last = bounds[-2]  # the deep pass's first layer: the highest exit
+
     def deep_pass(width: int):
         def run(chunk_BWD, proposed_BW, start_B, cache, stack_len_B):
             hidden_BCD, cache = model.layers(
-                chunk_BWD[:, :width], start=shallow, end=num_layers, cache=cache, context=ctx,
+                chunk_BWD[:, :width], start=last, end=num_layers, cache=cache, context=ctx,
                 offset_B=ctx.base_B + start_B,
             )  # fmt: skip
             if current_only:  # one row per example: the current position's deep token
@@ -180,9 +235,54 @@ def free_loop(
 
     branches = [no_pass] + [deep_pass(width) for width in widths]
 
+    def mid_pass(j: int, width: int):
+        """Segment j < m - 1: layers [E_j, E_{j+1}) over a chunk; hidden padded to [B, W, D]."""
+
+        def run(chunk_BWD, start_B, cache):
+            hidden_BCD, cache = model.layers(
+                chunk_BWD[:, :width], start=bounds[j], end=bounds[j + 1], cache=cache,
+                context=ctx, offset_B=ctx.base_B + start_B,
+            )  # fmt: skip
+            return jnp.pad(hidden_BCD, ((0, 0), (0, w - width), (0, 0))), cache
+
+        return run
+
+    def mid_branches(j: int):
+        skip = lambda chunk_BWD, start_B, cache: (chunk_BWD, cache)
+        return [skip] + [mid_pass(j, width) for width in widths]
+
+    def width_of(rows_B, active_B):
+        """Index into `widths` of the narrowest static width covering every active row count."""
+        widest = jnp.max(jnp.where(active_B, rows_B, 1))
+        return jnp.searchsorted(jnp.asarray(widths, jnp.int32), widest, side="left")
+
     def ends(token_B, pos_B):
         """[B] bool: a token emitted at pos_B finishes its example (EOS or maximum length)."""
         return (token_B == config.eos_token_id) | (pos_B + 1 >= max_len_B)
+
+    def exit_threshold(s: FreeState, j: int):
+        """[B] exit j's threshold at each example's position (position-decayed)."""
+        return conf_lib.decayed_threshold(threshold_E[j], s.pos_B + 1, n, position_temp)
+
+    def forced(s: FreeState, settled_B, token_B):
+        """[B] the current position must reach layer L: the stack plus it fill the window, or (in
+        the verifying modes) its exit token would end the example unchecked."""
+        force_B = s.stack_len_B + 1 >= w
+        if verify:  # nothing becomes final unchecked
+            force_B |= settled_B & ends(token_B, s.pos_B)
+        return force_B
+
+    min_waiting_ = jnp.asarray(min_waiting, jnp.int32)
+    max_wait_ = jnp.asarray(max_wait, jnp.int32)
+
+    def run_pass(s: FreeState, need_B, active_B):
+        """[] bool: the step's deep pass runs now (the deferral policy; see `deferral.py`)."""
+        count = jnp.sum(need_B)
+        due = (count >= min_waiting_) | jnp.any(need_B & (s.wait_B >= max_wait_))
+        due |= count == jnp.sum(active_B)  # nobody could advance
+        if trigger_hook is not None:
+            due |= trigger_hook(s)
+        return (count > 0) & due
 
     def shallow_step(s: FreeState) -> FreeState:
         """One position through [0, S): advances when no example needs the deep layers, else
@@ -199,20 +299,21 @@ def free_loop(
             None if prev_B1D is None else prev_B1D[:, 0], confidence_params, layer=shallow,
         )  # fmt: skip
         shallow_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-        threshold_B = conf_lib.decayed_threshold(threshold, s.pos_B + 1, n, position_temp)
-        exit_B = conf_lib.exits(conf_B, threshold_B)
-        force_B = s.stack_len_B + 1 >= w  # the stack plus the current position fill the window
+        exit_B = conf_lib.exits(conf_B, exit_threshold(s, 0))
         finished_B = ends(shallow_B, s.pos_B)
-        if verify:  # nothing becomes final unchecked
-            force_B |= finished_B
-        need_B = active_B & (~exit_B | force_B)
-        pending = jnp.any(need_B)
+        need_B = active_B & (~exit_B | forced(s, exit_B, shallow_B))
+        pending = run_pass(s, need_B, active_B)
         # the current position's layer-S input takes slot stack_len whether or not a pass follows
         stack_BWD = jnp.where(
             (rows_W[None, :] == s.stack_len_B[:, None])[:, :, None], hidden_B1D, s.stack_BWD
         )
-        push_B = active_B & ~pending  # every active example exited: emit and stack
+        # without a pass, an example that exited emits and stacks; one that needs the deep
+        # layers waits at its position (its next step recomputes this one, identically)
+        push_B = active_B & ~pending & ~need_B
+        wait_B = jnp.where(~pending & need_B, s.wait_B + 1, s.wait_B)
+        at_current_BW = rows_W[None, :] == s.stack_len_B[:, None]
         return s.replace(
+            stack_exit_BW=jnp.where(at_current_BW, 0, s.stack_exit_BW),
             pos_B=s.pos_B + push_B.astype(jnp.int32),
             last_token_B=jnp.where(push_B, shallow_B, s.last_token_B),
             cache=cache,
@@ -223,39 +324,109 @@ def free_loop(
             layers_B=s.layers_B + shallow * push_B.astype(jnp.int32),
             batch_layers=s.batch_layers + shallow * (~pending).astype(jnp.int32),
             iterations=s.iterations + (~pending).astype(jnp.int32),
+            wait_B=wait_B,
             pending=pending,
             shallow_token_B=shallow_B,
             shallow_conf_B=conf_B,
             exit_B=exit_B,
         )
 
+    def climb(s: FreeState, part_B):
+        """The current position fails exit 0; with m > 1 exits, carry it (and every stacked
+        position at its frontier) from exit to exit until it leaves or must reach layer L.
+
+        Returns (settled_B, token_B, conf_B, exit_index_B, going_B, stack_BWD, stack_exit_BW,
+        cache, layers_B, batch_layers): whether it left at an exit, the last tested exit's argmax
+        and confidence, the exit it left at, whether it still needs the pass from the highest exit
+        to L, and the updated stack, frontiers, caches and counters.
+        """
+        settled_B, token_B, conf_B = s.exit_B, s.shallow_token_B, s.shallow_conf_B
+        exit_index_B = jnp.zeros((b,), jnp.int32)
+        force_B = forced(s, settled_B, token_B)
+        going_B = part_B & (~settled_B | force_B)
+        stack_BWD, stack_exit_BW, cache = s.stack_BWD, s.stack_exit_BW, s.cache
+        layers_B, batch_layers = s.layers_B, s.batch_layers
+        for j in range(m - 1):
+            run = jnp.any(going_B)
+            # rows at frontier E_j: a suffix of the stack ending at the current slot
+            at_j_BW = (stack_exit_BW == j) & (rows_W[None, :] <= s.stack_len_B[:, None])
+            k_B = jnp.sum(at_j_BW, axis=1).astype(jnp.int32)
+            first_B = s.stack_len_B + 1 - k_B
+            chunk_BWD = _take_slots(stack_BWD, first_B[:, None] + rows_W[None, :])
+            branch = jnp.where(run, 1 + width_of(k_B, part_B), 0)
+            out_BWD, cache = jax.lax.switch(
+                branch, mid_branches(j), chunk_BWD, s.pos_B + 1 - k_B, cache
+            )
+            moved_BW = at_j_BW & (part_B & run)[:, None]
+            back_BWD = _take_slots(out_BWD, rows_W[None, :] - first_B[:, None])
+            stack_BWD = jnp.where(moved_BW[:, :, None], back_BWD, stack_BWD)
+            stack_exit_BW = jnp.where(moved_BW, j + 1, stack_exit_BW)
+            span = bounds[j + 1] - bounds[j]
+            layers_B = layers_B + span * (part_B & run).astype(jnp.int32)
+            batch_layers = batch_layers + span * run.astype(jnp.int32)
+
+            def test(hidden_BD, layer=exits[j + 1]):
+                logits_BV, c_B = conf_lib.exit_confidence(
+                    model, measure, hidden_BD, None, confidence_params, layer=layer
+                )
+                return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32), c_B
+
+            def no_test(hidden_BD):
+                return jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.float32)
+
+            current_BD = _take_slots(out_BWD, (k_B - 1)[:, None])[:, 0]
+            tok_B, c_B = jax.lax.cond(run, test, no_test, current_BD)
+            tested_B = part_B & ~settled_B  # empty when the segment did not run
+            leave_B = tested_B & conf_lib.exits(c_B, exit_threshold(s, j + 1))
+            token_B = jnp.where(tested_B, tok_B, token_B)
+            conf_B = jnp.where(tested_B, c_B, conf_B)
+            exit_index_B = jnp.where(leave_B, j + 1, exit_index_B)
+            settled_B = settled_B | leave_B
+            force_B = force_B | forced(s, leave_B, tok_B)
+            going_B = part_B & (~settled_B | force_B)
+        return (
+            settled_B, token_B, conf_B, exit_index_B, going_B, stack_BWD, stack_exit_BW, cache,
+            layers_B, batch_layers,
+        )  # fmt: skip
+
     def sync_step(s: FreeState) -> FreeState:
-        """Finishes a pending step: one deep pass over every active example's stack plus its
-        current position, then accept / reject / emit. Without a pending step (the batch
+        """Finishes a pending step: the current position climbs the exits (`climb`); if some
+        example still needs layer L, one deep pass from the highest exit runs over every active
+        example's stack plus its current position, then accept / reject / emit; otherwise every
+        current position is stacked at the exit it left from. Without a pending step (the batch
         finished, or the iteration cap) nothing runs."""
         active_B = ~s.done_B
-        shallow_B, conf_B, exit_B = s.shallow_token_B, s.shallow_conf_B, s.exit_B
+        ran = s.pending
+        part_B = active_B & ran
+        (
+            settled_B, cur_token_B, cur_conf_B, exit_index_B, going_B, stack_BWD, stack_exit_BW,
+            cache, layers_B, batch_layers,
+        ) = climb(s, part_B)  # fmt: skip
+        full = jnp.any(going_B)  # with one exit: exactly `ran`
+        served_B = part_B & (~s.exit_B | forced(s, s.exit_B, s.shallow_token_B))
+        flush_B = part_B & full
         rows_B = s.stack_len_B + 1  # stacked positions plus the current one
         start_B = s.pos_B - s.stack_len_B
         is_cur_BW = rows_W[None, :] == s.stack_len_B[:, None]
         row_pos_BW = start_B[:, None] + rows_W[None, :]
-        proposed_BW = jnp.where(is_cur_BW, shallow_B[:, None], _take_rows(s.log.tokens, row_pos_BW))
+        proposed_BW = jnp.where(
+            is_cur_BW, cur_token_B[:, None], _take_rows(s.log.tokens, row_pos_BW)
+        )
         row_conf_BW = jnp.where(
-            is_cur_BW, conf_B[:, None], _take_rows(s.log.confidence, row_pos_BW)
+            is_cur_BW, cur_conf_B[:, None], _take_rows(s.log.confidence, row_pos_BW)
         )
-        widest = jnp.max(jnp.where(active_B, rows_B, 1))
-        width_index = jnp.searchsorted(jnp.asarray(widths, jnp.int32), widest, side="left")
-        branch = jnp.where(s.pending, 1 + width_index, 0)
+        width_index = width_of(rows_B, active_B)
+        branch = jnp.where(full, 1 + width_index, 0)
         deep_BW, nll_BW, cache = jax.lax.switch(
-            branch, branches, s.stack_BWD, proposed_BW, start_B, s.cache, s.stack_len_B
+            branch, branches, stack_BWD, proposed_BW, start_B, cache, s.stack_len_B
         )
-        ran = s.pending
-        part_B = active_B & ran
 
         # ------------------------------------------ accept, reject, emit
-        in_pass_BW = part_B[:, None] & (rows_W[None, :] < rows_B[:, None])
-        shallow_row_BW = (rows_W[None, :] < s.stack_len_B[:, None]) | (is_cur_BW & exit_B[:, None])
-        candidate_BW = in_pass_BW & shallow_row_BW
+        in_pass_BW = flush_B[:, None] & (rows_W[None, :] < rows_B[:, None])
+        exited_row_BW = (rows_W[None, :] < s.stack_len_B[:, None]) | (
+            is_cur_BW & settled_B[:, None]
+        )
+        candidate_BW = in_pass_BW & exited_row_BW
         if mode == "lossless":
             reject_BW = candidate_BW & (deep_BW != proposed_BW)
         elif mode == "rollback":
@@ -267,14 +438,14 @@ def free_loop(
         final_pos_B = start_B + final_row_B
         take_final = lambda a_BW: jnp.take_along_axis(a_BW, final_row_B[:, None], axis=1)[:, 0]
         deep_final_B = take_final(deep_BW)
-        shallow_token_B = exit_B & ~reject_B
-        token_B = jnp.where(shallow_token_B, shallow_B, deep_final_B)
-        token_exit_B = jnp.where(shallow_token_B, shallow, num_layers)
+        keep_B = settled_B & ~reject_B
+        token_B = jnp.where(keep_B, cur_token_B, deep_final_B)
+        token_exit_B = jnp.where(keep_B, jnp.asarray(exits, jnp.int32)[exit_index_B], num_layers)
         log = s.log.write(final_pos_B, part_B, token_B, token_exit_B, take_final(row_conf_BW))
 
         # records of every position the pass covered, laid out by position
         offset_BN = jnp.arange(n, dtype=jnp.int32)[None, :] - start_B[:, None]
-        covered_BN = part_B[:, None] & (offset_BN >= 0) & (offset_BN < rows_B[:, None])
+        covered_BN = flush_B[:, None] & (offset_BN >= 0) & (offset_BN < rows_B[:, None])
         by_pos = lambda a_BW: _take_rows(a_BW, offset_BN)
         if records:
             new_records = AgreementRecords(
@@ -299,28 +470,38 @@ def free_loop(
                 valid=new_records.valid & keep_BN,
             )
 
-        part_i = part_B.astype(jnp.int32)
+        flush_i, deep_span = flush_B.astype(jnp.int32), num_layers - last
         finished_B = ends(token_B, final_pos_B)
+        stacked_B = s.stack_len_B + part_B.astype(jnp.int32)  # no pass: the current is stacked
         return s.replace(
             pos_B=jnp.where(part_B, final_pos_B + 1, s.pos_B),
             last_token_B=jnp.where(part_B, token_B, s.last_token_B),
             cache=cache,
-            stack_len_B=jnp.where(part_B, 0, s.stack_len_B),
+            stack_BWD=stack_BWD,
+            stack_exit_BW=stack_exit_BW,
+            stack_len_B=jnp.where(flush_B, 0, stacked_B),
             log=log,
             records=new_records,
             done_B=s.done_B | (part_B & finished_B),
-            deep_B=s.deep_B + part_i,
-            layers_B=s.layers_B + num_layers * part_i,
+            deep_B=s.deep_B + flush_i,
+            layers_B=layers_B + shallow * part_B.astype(jnp.int32) + deep_span * flush_i,
             rollbacks_B=s.rollbacks_B + (reject_B & part_B).astype(jnp.int32),
-            batch_layers=s.batch_layers + num_layers * ran.astype(jnp.int32),
+            batch_layers=batch_layers
+            + shallow * ran.astype(jnp.int32)
+            + deep_span * full.astype(jnp.int32),
             iterations=s.iterations + ran.astype(jnp.int32),
-            width_counts_P=s.width_counts_P.at[width_index].add(ran.astype(jnp.int32)),
+            width_counts_P=s.width_counts_P.at[width_index].add(full.astype(jnp.int32)),
+            wait_B=jnp.where(part_B, 0, s.wait_B),
+            served_B=s.served_B + served_B.astype(jnp.int32),
+            waited_B=s.waited_B + jnp.where(served_B, s.wait_B, 0),
+            longest_wait_B=jnp.maximum(s.longest_wait_B, jnp.where(served_B, s.wait_B, 0)),
             pending=jnp.zeros((), bool),
         )
 
     # Each pass makes at least its first covered position final, and at most W - 1 steps run
-    # between passes, so N * W iterations always suffice.
-    max_iterations = n * w + 1
+    # between passes, so N * W iterations suffice; with deferral, every step without a pass
+    # advances some example, which at most (B + 1) times as many bounds.
+    max_iterations = n * w * (b + 1) + 1
     running = lambda s: ~jnp.all(s.done_B) & (s.iterations < max_iterations)
 
     def body(s: FreeState) -> FreeState:
@@ -335,6 +516,7 @@ def free_loop(
         pos_B=jnp.zeros((b,), jnp.int32),
         cache=setup.cache,
         stack_BWD=jnp.zeros((b, w, config.d_model), config.compute_dtype),
+        stack_exit_BW=jnp.zeros((b, w), jnp.int32),
         stack_len_B=jnp.zeros((b,), jnp.int32),
         records=AgreementRecords.empty(b, n),
         deep_B=jnp.zeros((b,), jnp.int32),
@@ -343,6 +525,10 @@ def free_loop(
         batch_layers=jnp.zeros((), jnp.int32),
         iterations=jnp.zeros((), jnp.int32),
         width_counts_P=jnp.zeros((len(widths),), jnp.int32),
+        wait_B=jnp.zeros((b,), jnp.int32),
+        served_B=jnp.zeros((b,), jnp.int32),
+        waited_B=jnp.zeros((b,), jnp.int32),
+        longest_wait_B=jnp.zeros((b,), jnp.int32),
         pending=jnp.zeros((), bool),
         shallow_token_B=jnp.zeros((b,), jnp.int32),
         shallow_conf_B=jnp.zeros((b,), jnp.float32),
@@ -363,6 +549,9 @@ def free_decode(config, params, inputs_BS, threshold, **kw) -> DecodeResult:
         records=final.records,
         num_rollbacks=final.rollbacks_B,
         pass_width_counts=final.width_counts_P,
+        num_served=final.served_B,
+        wait_steps=final.waited_B,
+        max_wait=final.longest_wait_B,
     )
 
 

@@ -10,8 +10,8 @@ points), so an option added here is reachable everywhere.
 Two kinds of field:
 * static ones select code (layer counts, the window, the measure, whether FREE verifies): a new
   value compiles a new decoder;
-* value fields (`TRACED_FIELDS`: CALM/FREE's `position_temp`, FREE's `rollback` threshold,
-  sampling's `temperature`, beam search's `length_penalty`) are passed to the compiled decoder as
+* value fields (`TRACED_FIELDS`: CALM/FREE's `position_temp`, FREE's `rollback` threshold and
+  deferral policy, sampling's `temperature`, beam search's `length_penalty`) are passed to the compiled decoder as
   traced arrays: a new value never recompiles (`compile_key` blanks them out).
 The exit threshold itself is not part of any spec: it is what calibration produces and sweeps
 vary, so it is given per call.
@@ -26,6 +26,23 @@ from free_jax.decoding.confidence import check_measure
 
 DEFAULT_MEASURE = "softmax_margin"
 DEFAULT_THRESHOLD = 0.9  # the exit threshold used where none is given (FREE's and CALM's papers)
+
+
+def _freeze_exits(spec) -> None:
+    """Stores `exits` as a tuple of ints (gin and JSON give lists), keeping the spec hashable."""
+    if spec.exits is not None:
+        if isinstance(spec.exits, int | str) or not len(spec.exits):
+            raise ValueError(
+                f"{type(spec).__name__}.exits must be a non-empty sequence of layers, "
+                f"got {spec.exits!r}"
+            )
+        object.__setattr__(spec, "exits", tuple(int(x) for x in spec.exits))
+
+
+def num_exits(spec) -> int:
+    """How many thresholds a call takes: len(exits) for CALM/FREE with exits, else 1."""
+    exits = getattr(spec, "exits", None)
+    return 1 if exits is None else len(exits)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,15 +108,22 @@ class CalmSpec:
       min_exit: the first layer whose exit is tested (1 <= m < L).
       measure: confidence measure (`confidence.MEASURES`).
       position_temp: CALM's threshold decay over positions (0: none; traced).
+      exits: test only after these increasing layers (e.g. where exit heads sit), each with its
+        own threshold (the call's threshold: a scalar or one per exit); None: every layer from
+        `min_exit`. Excludes a non-default `min_exit`.
     """
 
     min_exit: int = 1
     measure: str = DEFAULT_MEASURE
     position_temp: float = 0.0
+    exits: tuple[int, ...] | None = None
     method = "calm"
 
     def __post_init__(self):
         check_measure(self.measure)
+        _freeze_exits(self)
+        if self.exits is not None and self.min_exit != 1:
+            raise ValueError("CalmSpec: give min_exit or exits, not both")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +140,14 @@ class FreeSpec:
         deep exit read only the current position.
       measure: the shallow confidence measure.
       position_temp: CALM-style threshold decay over positions (0: none; traced).
+      exits: many exits (increasing layers, e.g. where exit heads sit): a token leaves at the
+        first whose confidence passes its threshold (the call's threshold: a scalar or one per
+        exit), with exact caches (see `free.py`); None: the one exit `shallow`. Excludes
+        `shallow`.
+      min_waiting, max_wait: the deferral policy in a batch (`deferral.py`; traced): the deep pass
+        runs once `min_waiting` examples wait for it, or one has waited `max_wait` shallow steps;
+        (1, 0), the default, runs it as soon as one example needs it (FREE as published).
+        `deferral.plan_deferral` chooses them from measured step costs. Outputs never change.
     """
 
     shallow: int | None = None
@@ -125,10 +157,23 @@ class FreeSpec:
     records: bool = True
     measure: str = DEFAULT_MEASURE
     position_temp: float = 0.0
+    exits: tuple[int, ...] | None = None
+    min_waiting: int = 1
+    max_wait: int = 0
     method = "free"
 
     def __post_init__(self):
         check_measure(self.measure)
+        _freeze_exits(self)
+        if self.exits is not None and self.shallow is not None:
+            raise ValueError("FreeSpec: give shallow or exits, not both")
+        if self.exits is not None and len(self.exits) > 1 and self.measure == "hidden_cosine":
+            raise ValueError("FreeSpec: measure 'hidden_cosine' supports one exit only")
+        if self.min_waiting < 1 or self.max_wait < 0:
+            raise ValueError(
+                f"FreeSpec: min_waiting must be >= 1 and max_wait >= 0, got {self.min_waiting} "
+                f"and {self.max_wait}"
+            )
         if self.window < 1:
             raise ValueError(f"FreeSpec.window must be >= 1, got {self.window}")
         if self.lossless and self.rollback is not None:
@@ -147,7 +192,9 @@ SPECS = (GreedySpec, SampleSpec, BeamSpec, StaticSpec, CalmSpec, FreeSpec)
 METHODS = ("greedy", "sample", "beam", "static", "calm", "free", "free_lossless")
 EARLY_EXIT = (StaticSpec, CalmSpec, FreeSpec)
 NEEDS_THRESHOLD = (CalmSpec, FreeSpec)
-TRACED_FIELDS = ("position_temp", "rollback", "temperature", "length_penalty")
+TRACED_FIELDS = (
+    "position_temp", "rollback", "temperature", "length_penalty", "min_waiting", "max_wait"
+)  # fmt: skip
 
 Spec = GreedySpec | SampleSpec | BeamSpec | StaticSpec | CalmSpec | FreeSpec
 
@@ -158,7 +205,8 @@ def compile_key(spec: Spec) -> Spec:
     for field in dataclasses.fields(spec):
         if field.name in TRACED_FIELDS:
             value = getattr(spec, field.name)
-            blank[field.name] = None if value is None else 0.0
+            default = 0.0 if field.default is None else field.default  # a valid placeholder
+            blank[field.name] = None if value is None else default
     return dataclasses.replace(spec, **blank)
 
 
@@ -175,6 +223,10 @@ def check_spec(spec: Spec, config) -> None:
         config.check_exit_layer(spec.min_exit, what=f"{name}.min_exit")
     if isinstance(spec, FreeSpec) and spec.shallow is not None:
         config.check_exit_layer(spec.shallow, what=f"{name}.shallow")
+    if getattr(spec, "exits", None) is not None:
+        from free_jax.decoding.free import check_exits  # free.py imports nothing from here
+
+        check_exits(config, spec.exits, what=f"{name}.exits")
 
 
 def spec_for(
@@ -190,19 +242,22 @@ def spec_for(
     temperature: float = 1.0,
     beam_size: int = 4,
     length_penalty: float = 0.0,
+    exits: tuple[int, ...] | None = None,
 ) -> Spec:
     """The spec of a method name (`METHODS`) from keyword options — the keyword form of `decode`.
 
     `exit_layer` is k for "static", the minimum exit for "calm" (default 1) and S for "free" /
-    "free_lossless" (default: the config's).
+    "free_lossless" (default: the config's); `exits` gives CALM and FREE many exits instead.
 
     >>> spec_for("free_lossless", exit_layer=2, window=4)
-    FreeSpec(shallow=2, window=4, lossless=True, rollback=None, records=True, measure='softmax_margin', position_temp=0.0)
+    FreeSpec(shallow=2, window=4, lossless=True, rollback=None, records=True, measure='softmax_margin', position_temp=0.0, exits=None, min_waiting=1, max_wait=0)
     """
     if method not in METHODS:
         raise ValueError(f"unknown decoding method {method!r}; expected one of {METHODS}")
     if rollback is not None and method != "free":
         raise ValueError("rollback applies to method 'free' only")
+    if exits is not None and method not in ("calm", "free", "free_lossless"):
+        raise ValueError(f"exits applies to methods calm, free and free_lossless, not {method!r}")
     if method == "greedy":
         return GreedySpec()
     if method == "sample":
@@ -216,11 +271,11 @@ def spec_for(
     if method == "calm":
         return CalmSpec(
             min_exit=1 if exit_layer is None else exit_layer, measure=measure,
-            position_temp=position_temp,
+            position_temp=position_temp, exits=exits,
         )  # fmt: skip
     return FreeSpec(
         shallow=exit_layer, window=window, lossless=method == "free_lossless", rollback=rollback,
-        records=records, measure=measure, position_temp=position_temp,
+        records=records, measure=measure, position_temp=position_temp, exits=exits,
     )  # fmt: skip
 
 
@@ -232,7 +287,10 @@ def method_name(spec: Spec) -> str:
 
 
 def exit_layer_of(spec: Spec, config) -> int | None:
-    """The layer a spec's early exit sits at: k (static), the minimum exit (CALM), S (FREE)."""
+    """The layer a spec's (first) early exit sits at: k (static), the minimum exit (CALM), S
+    (FREE)."""
+    if getattr(spec, "exits", None) is not None:
+        return spec.exits[0]
     if isinstance(spec, StaticSpec):
         return spec.exit_layer
     if isinstance(spec, CalmSpec):

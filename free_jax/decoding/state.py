@@ -86,6 +86,10 @@ class DecodeResult:
       num_rollbacks: [B] int32 FREE rollbacks (rejected shallow tokens); 0 elsewhere.
       pass_width_counts: [P] int32, FREE: how many deep passes the batch ran at each static width
         of `pass_widths(W)` (P of them; a pass costs its width, see the benchmark); [0] elsewhere.
+      num_served: [B] int32, FREE: passes that resolved a position of this example's that needed
+        the deep layers (with deferral, after waiting); 0 elsewhere.
+      wait_steps: [B] int32, FREE: shallow steps this example spent waiting for a pass, in all.
+      max_wait: [B] int32, FREE: its longest single wait.
     """
 
     tokens: jax.Array
@@ -99,6 +103,9 @@ class DecodeResult:
     records: AgreementRecords
     num_rollbacks: jax.Array
     pass_width_counts: jax.Array
+    num_served: jax.Array
+    wait_steps: jax.Array
+    max_wait: jax.Array
 
     def exit_rate(self, deep_layer: int):
         """Fraction of produced tokens whose exit layer is below `deep_layer` (numpy float)."""
@@ -242,7 +249,10 @@ class FreeState:
       cache: `DecoderCache` [B, H, T, K] per layer, T = N + W (+ S); deep layers hold exact
         key/values for output positions before `pos_B - stack_len_B`, shallow layers for those
         before `pos_B` (and, for a decoder-only model, every layer for the prompt).
-      stack_BWD: [B, W, D] stacked layer-S inputs (compute dtype).
+      stack_BWD: [B, W, D] stacked hidden states, each at its frontier: the input of the exit
+        layer it was carried to (layer S with one exit; compute dtype).
+      stack_exit_BW: [B, W] int32 each slot's frontier, as an index into the exits (always 0
+        with one exit); non-increasing along the stack.
       stack_len_B: [B] int32 stacked positions, at most W - 1.
       log: `TokenLog` of [B, N] outputs.
       records: `AgreementRecords` [B, N].
@@ -253,6 +263,10 @@ class FreeState:
       batch_layers: [] int32 layers run for the batch.
       iterations: [] int32 shallow steps taken (a step that needed a pass counts once).
       width_counts_P: [P] int32 deep passes run at each static width (P = len(pass_widths(W))).
+      wait_B: [B] int32 shallow steps the example's current position has waited for a pass
+        (deferral: it holds its position, recomputing its shallow step identically; 0 otherwise).
+      served_B: [B] int32 passes that resolved a position of the example that needed them.
+      waited_B: [B] int32 total shallow steps waited; longest_wait_B: [B] int32 its longest wait.
       pending: [] bool, the last shallow step needs a deep pass that has not run yet; the
         fields below hold that step's shallow outputs (its position is `pos_B`, its layer-S
         input already sits in stack slot `stack_len_B`).
@@ -265,6 +279,7 @@ class FreeState:
     last_token_B: jax.Array
     cache: DecoderCache
     stack_BWD: jax.Array
+    stack_exit_BW: jax.Array
     stack_len_B: jax.Array
     log: TokenLog
     records: AgreementRecords
@@ -275,6 +290,10 @@ class FreeState:
     batch_layers: jax.Array
     iterations: jax.Array
     width_counts_P: jax.Array
+    wait_B: jax.Array
+    served_B: jax.Array
+    waited_B: jax.Array
+    longest_wait_B: jax.Array
     pending: jax.Array
     shallow_token_B: jax.Array
     shallow_conf_B: jax.Array
@@ -400,6 +419,9 @@ def result_from_log(log: TokenLog, **counters) -> DecodeResult:
         records=AgreementRecords.empty(b, n),
         num_rollbacks=zeros_B,
         pass_width_counts=jnp.zeros((0,), jnp.int32),
+        num_served=zeros_B,
+        wait_steps=zeros_B,
+        max_wait=zeros_B,
     )
     fields.update(counters)
     return DecodeResult(

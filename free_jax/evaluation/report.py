@@ -121,6 +121,22 @@ def spec_lines(records: list[dict]) -> list[str]:
     return out
 
 
+def guarantee_lines(records: list[dict]) -> list[str]:
+    """One bullet per row with a Learn-then-Test threshold: its epsilon, delta and the risk
+    measured on this split."""
+    out = []
+    for r in records:
+        g = r.get("guarantee")
+        if g:
+            verdict = "within" if g["measured_risk"] <= g["epsilon"] else "ABOVE"
+            out.append(
+                f"- {r['decoder']} (batch {r['batch_size']}): epsilon {g['epsilon']:g}, delta "
+                f"{g['delta']:g}; measured risk {g['measured_risk']:.4f} over {g['num_tokens']} "
+                f"tokens ({verdict} epsilon)"
+            )
+    return out
+
+
 def write_report(records: list[dict], out_dir: str | Path, header: str = "") -> dict[str, str]:
     """Writes results.json, results.md and pareto.png under `out_dir`; returns their paths."""
     out_dir = Path(out_dir)
@@ -133,6 +149,10 @@ def write_report(records: list[dict], out_dir: str | Path, header: str = "") -> 
     sweep = markdown_table(records, "sweep")
     if sweep:
         md += ["", "Threshold sweep:", "", sweep]
+    guaranteed = guarantee_lines(records)
+    if guaranteed:
+        md += ["", "Learn-then-Test rows (risk: share of tokens that left early and differ from the "
+               "full model's prediction there):", "", *guaranteed]  # fmt: skip
     specs = spec_lines(records)
     if specs:
         md += ["", "Decoder specs (`free_jax.decoding.specs`):", "", *specs]

@@ -31,15 +31,19 @@ class DecoderChoice:
     Attributes:
       name: the row label, e.g. "free (adaptive)".
       spec: the method's spec (`free_jax.decoding.specs`): every option of the decoder.
-      threshold: the exit threshold (CALM and FREE; None for the others and when adaptive).
+      threshold: the exit threshold (CALM and FREE; None for the others and when adaptive); a
+        tuple, one per exit, for specs with many `exits`.
       adaptive: FREE with the online Beta-mixture threshold, refitted between batches (needs a
         `FreeSpec` that keeps its agreement records).
+      guarantee: (epsilon, delta) of a Learn-then-Test threshold: the suite then measures the risk
+        it bounds on this row's outputs.
     """
 
     name: str
     spec: Spec
-    threshold: float | None = None
+    threshold: float | tuple[float, ...] | None = None
     adaptive: bool = False
+    guarantee: tuple[float, float] | None = None
 
     def __post_init__(self):
         if self.adaptive and not (isinstance(self.spec, FreeSpec) and self.spec.records):
@@ -117,7 +121,7 @@ class DecoderRun:
     deep_passes: int
     batch_layers_computed: int
     num_steps: int
-    thresholds_used: list[float]
+    thresholds_used: list
     records_confidence: np.ndarray
     records_agree: np.ndarray
     online: OnlineThreshold | None = None
@@ -291,7 +295,9 @@ def run_decoder(
         run.deep_passes += int(np.asarray(result.num_deep_passes)[:n].sum())
         run.batch_layers_computed += int(result.batch_layers_computed)
         run.num_steps += int(result.num_steps)
-        run.thresholds_used.append(float(threshold) if threshold is not None else float("nan"))
+        run.thresholds_used.append(
+            float("nan") if threshold is None else np.asarray(threshold, float).tolist()
+        )
         valid = np.asarray(result.records.valid)[:n]
         conf = np.asarray(result.records.confidence)[:n][valid]
         agree = np.asarray(result.records.agree)[:n][valid]

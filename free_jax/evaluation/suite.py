@@ -27,6 +27,7 @@ from free_jax.decoding.specs import (
     StaticSpec,
     exit_layer_of,
 )
+from free_jax.evaluation.exit_records import early_disagreement, exit_records, padded
 from free_jax.evaluation.runner import (
     DecoderChoice,
     DecoderRun,
@@ -55,6 +56,12 @@ class SuiteSpec:
       batch_sizes: timed batch sizes; the first is the primary one.
       include_adaptive: a FREE row with the online threshold (needs `free.records`).
       include_lossless: a FREE lossless row.
+      calibrated_guarantee: (epsilon, delta) when the calibrated threshold is Learn-then-Test's:
+        the row then reports the risk measured on this split beside them.
+      exits: exit layers with exit heads: adds rows "heads free" (`free` with these exits),
+        "heads free lossless" and "heads calm" (`calm` with these exits), at `exit_thresholds`.
+      exit_thresholds: one threshold per exit (from calibrate's exit_thresholds.json).
+      exit_guarantee: (epsilon, delta) of Learn-then-Test per-exit thresholds, as above.
     """
 
     free: FreeSpec = FreeSpec()
@@ -67,8 +74,19 @@ class SuiteSpec:
     batch_sizes: tuple[int, ...] = (8,)
     include_adaptive: bool = True
     include_lossless: bool = True
+    calibrated_guarantee: tuple[float, float] | None = None
+    exits: tuple[int, ...] | None = None
+    exit_thresholds: tuple[float, ...] | None = None
+    exit_guarantee: tuple[float, float] | None = None
 
     def __post_init__(self):
+        if (self.exits is None) != (self.exit_thresholds is None) or (
+            self.exits is not None and len(self.exits) != len(self.exit_thresholds)
+        ):
+            raise ValueError(
+                f"SuiteSpec.exits={self.exits!r} needs exit_thresholds with one value per exit, "
+                f"got {self.exit_thresholds!r}"
+            )
         for field, cls in (("free", FreeSpec), ("calm", CalmSpec)):
             if not isinstance(getattr(self, field), cls):
                 raise TypeError(
@@ -96,11 +114,30 @@ def main_choices(config: T5Config, suite: SuiteSpec) -> list[DecoderChoice]:
         choices.append(DecoderChoice("free (adaptive)", free, adaptive=True))
     if suite.calibrated_threshold is not None:
         thr = suite.calibrated_threshold
-        choices.append(DecoderChoice(f"free (calibrated {thr:.3f})", free, thr))
+        name = f"free (calibrated {thr:.3f})"
+        if suite.calibrated_guarantee is not None:
+            name = f"free (ltt {thr:.3f})"
+        choices.append(DecoderChoice(name, free, thr, guarantee=suite.calibrated_guarantee))
     if suite.include_lossless:
         lossless = dataclasses.replace(free, lossless=True, rollback=None)
         choices.append(DecoderChoice(f"free lossless (thr={suite.free_threshold:g})", lossless,
                                      suite.free_threshold))  # fmt: skip
+    if suite.exits is not None:
+        thr, label = (
+            tuple(suite.exit_thresholds),
+            ", ".join(f"{t:.2f}" for t in suite.exit_thresholds),
+        )
+        heads = dataclasses.replace(free, shallow=None, exits=suite.exits)
+        exits = ",".join(map(str, suite.exits))
+        guarantee = suite.exit_guarantee
+        choices += [
+            DecoderChoice(f"heads {exits} free ({label})", heads, thr, guarantee=guarantee),
+            DecoderChoice(f"heads {exits} free lossless",
+                          dataclasses.replace(heads, lossless=True, rollback=None), thr),
+            DecoderChoice(f"heads {exits} calm ({label})",
+                          dataclasses.replace(suite.calm, min_exit=1, exits=suite.exits), thr,
+                          guarantee=guarantee),
+        ]  # fmt: skip
     return choices
 
 
@@ -146,9 +183,7 @@ def _record(run: DecoderRun, scores, predictions, full, config: T5Config, metric
         "exit_rate": p,
         "layers_per_token": run.layers_per_token,
         "deep_passes_per_token": run.deep_passes_per_token,
-        "bound": free_bound(num_layers, exit_layer_of(spec, config), p)
-        if isinstance(spec, FreeSpec)
-        else None,
+        "bound": _bound(run, spec, config, p),
         "same_outputs_as_full": same if full else 1.0,
         "loop_rate": scores["loop_rate"],
         "compile_s": run.compile_s,
@@ -169,6 +204,41 @@ def _record(run: DecoderRun, scores, predictions, full, config: T5Config, metric
             "num_records": run.online.num_records,
         }
     return rec
+
+
+def _bound(run: DecoderRun, spec: Spec, config, exit_rate: float) -> float | None:
+    """FREE's decoder-compute bound: L over the mean depth a token waits for (its exit layer).
+    With one exit that is `free_bound`."""
+    if not isinstance(spec, FreeSpec):
+        return None
+    if spec.exits is None or len(spec.exits) == 1:
+        return free_bound(config.num_decoder_layers, exit_layer_of(spec, config), exit_rate)
+    depths = np.concatenate(run.exit_layers) if run.exit_layers else np.zeros(0)
+    return config.num_decoder_layers / float(depths.mean()) if depths.size else None
+
+
+def measured_risk(config, params, run: DecoderRun, inputs: Sequence[EvalBatch], settings,
+                  confidence_params=None) -> dict:  # fmt: skip
+    """The risk a Learn-then-Test threshold bounds, measured on a run's outputs: the share of its
+    tokens that left early and differ from the full model's prediction at that position (one
+    teacher-forced pass per batch, `exit_records`)."""
+    bad = total = done = 0
+    for batch in inputs:
+        k, b = batch.num_real, batch.encoder_tokens_BS.shape[0]
+        tokens_BN, valid_BN = padded(run.tokens[done : done + k], b, settings.max_decode_len)
+        layers_BN, _ = padded(run.exit_layers[done : done + k], b, settings.max_decode_len)
+        done += k
+        deep_BN = exit_records(
+            config, params, batch.encoder_tokens_BS, tokens_BN,
+            prompt_lengths_B=batch.prompt_lengths_B, confidence_params=confidence_params,
+        ).deep_BN  # fmt: skip
+        n_bad, n = early_disagreement(
+            tokens_BN, layers_BN, deep_BN, valid_BN, config.num_decoder_layers
+        )
+        bad, total = bad + n_bad, total + n
+    epsilon, delta = run.choice.guarantee
+    return {"epsilon": epsilon, "delta": delta, "measured_risk": bad / max(total, 1),
+            "num_tokens": total}  # fmt: skip
 
 
 def run_suite(
@@ -202,6 +272,10 @@ def run_suite(
                 full = (run, scores)
             kind = "sweep" if choice.name.startswith("sweep") else "main"
             records.append(_record(run, scores, predictions, full, config, metric, kind))
+            if choice.guarantee is not None:
+                records[-1]["guarantee"] = measured_risk(
+                    config, params, run, inputs, settings, confidence_params
+                )
             if i == 0 and kind == "main":
                 extras["predictions"][choice.name] = predictions
             if i == 0 and choice.method == "free_lossless":

@@ -26,6 +26,9 @@ def config_from_json(text: str, source: str = "<json>") -> T5Config | LMConfig:
 
 def describe_config(config) -> str:
     """One line naming the family and the shapes that matter for early exit."""
+    heads = getattr(config, "head_layers", None)
+    if heads is not None:  # a HeadedConfig: the backbone, then its heads
+        return f"{describe_config(config.base)} + exit heads on layers {tuple(heads)}"
     if isinstance(config, LMConfig):
         return (
             f"{config.family} d_model={config.d_model} heads={config.num_heads}/"

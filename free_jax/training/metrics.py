@@ -49,12 +49,22 @@ class MetricsWriter:
         return self._tb is not None
 
     def truncate_after(self, step: int) -> None:
-        """Drops records with step > `step` (a restart replays those steps)."""
+        """Drops records with step > `step` (a restart replays those steps; 0 when it starts over).
+
+        The kept records go to a temporary file that then replaces metrics.jsonl, so a crash here
+        leaves either the old file or the new one, never half of it. A torn last line (a kill
+        mid-write) is dropped too.
+        """
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line.strip()]
-        kept = [line for line in kept if json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        steps = [_step_of(line) for line in lines]
+        kept = [line for line, s in zip(lines, steps) if s is not None and s <= step]
+        if len(kept) == len(lines):
+            return
+        tmp = self.path.parent / (self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.path)
 
     def write(self, step: int, split: str, values: dict) -> None:
         record = {"step": int(step), "split": split}
@@ -70,6 +80,15 @@ class MetricsWriter:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def _step_of(line: str) -> int | None:
+    """The step of one metrics.jsonl line; None for a line that is not a whole JSON object."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return int(record.get("step", 0)) if isinstance(record, dict) else None
 
 
 def read_metrics(model_dir, split: str | None = "train") -> list[dict]:

@@ -201,12 +201,55 @@ def restore_checkpoint(manager, template: TrainState, step: int | None = None):
 # ---------------------------------------------------------------------------------------------
 
 
+class RunConfigMismatchError(ValueError):
+    """A MODEL_DIR already holds a run of another model config; nothing of it was touched."""
+
+
+def check_run_config(model_dir, model_config: T5Config | LMConfig) -> None:
+    """Raises `RunConfigMismatchError` when MODEL_DIR/config.json describes another model.
+
+    Called before a (re)started run writes anything into MODEL_DIR: the run's files and
+    checkpoints belong to the config in config.json, and a restart under another config would
+    overwrite config.json with one that no longer matches the saved parameters. The message names
+    every differing field ("d_ff: run has 64, this config 96").
+    """
+    config_file = epath.Path(model_dir) / "config.json"
+    if not config_file.exists():
+        return
+    saved = config_from_json(config_file.read_text(), source=str(config_file))
+    # Through JSON, as config.json was written, so that tuples and lists compare equal.
+    new = config_from_json(model_config.to_json())
+    if type(saved) is not type(new):
+        differences = [
+            f"model type: run has {type(saved).__name__}, this config {type(new).__name__}"
+        ]
+    else:
+        differences = [
+            f"{f.name}: run has {getattr(saved, f.name)!r}, this config {getattr(new, f.name)!r}"
+            for f in dataclasses.fields(saved)
+            if getattr(saved, f.name) != getattr(new, f.name)
+        ]
+    if differences:
+        raise RunConfigMismatchError(
+            f"{model_dir} holds a run of another model ({config_file}): "
+            + "; ".join(differences)
+            + ". Resume with the run's config, or train in a new MODEL_DIR; nothing was written."
+        )
+
+
 def write_run_files(model_dir, model_config: T5Config | LMConfig, run_info: dict) -> None:
     """Writes config.json (the model) and run.json (`run_info`: tokenizer_path, ...) into MODEL_DIR."""
     model_dir = epath.Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
-    (model_dir / "config.json").write_text(model_config.to_json())
-    (model_dir / "run.json").write_text(json.dumps(run_info, indent=2, sort_keys=True))
+    # Whole files or none: the other processes of a run read config.json (`check_run_config`)
+    # while this one writes it.
+    for name, text in [
+        ("config.json", model_config.to_json()),
+        ("run.json", json.dumps(run_info, indent=2, sort_keys=True)),
+    ]:
+        tmp = model_dir / f"{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(model_dir / name)
 
 
 def read_run_files(model_dir) -> tuple[T5Config | LMConfig, dict]:

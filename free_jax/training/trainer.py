@@ -48,6 +48,7 @@ from etils import epath
 
 from free_jax import data as data_lib
 from free_jax import partitioning
+from free_jax.data.tokenizer import check_vocabulary_fits
 from free_jax.models import init_params, param_shapes
 from free_jax.models.exit_heads import choose_exit_head_layers, init_exit_heads, save_exit_heads
 from free_jax.training import inputs, validation
@@ -268,7 +269,18 @@ def train(
             f"The tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
             f"{model_config.vocab_size}; set the model's vocab_size to at least the tokenizer's."
         )
+    # The rule generate and evaluate will load this run with (they read the tokenizer file,
+    # without T5's sentinels): fail now rather than after training.
+    check_vocabulary_fits(
+        getattr(tokenizer, "base_vocab_size", tokenizer.vocab_size),
+        model_config.vocab_size,
+        tokenizer=data.tokenizer_path or f"(trained for task {task.name})",
+        advice="set the model's vocab_size to the tokenizer's, rounded up to a multiple of 128",
+    )
     inputs.check_model_and_data(model_config, data, tokenizer)
+    # A restart under another model config must fail before it writes anything (tokenizer,
+    # config.json, run.json) into a MODEL_DIR whose checkpoints belong to the old config.
+    state_lib.check_run_config(model_dir, model_config)
     bos_id = inputs.bos_id_for(model_config, data) if data.decoder_only else None
     tx, schedule = make_optimizer(config.optimizer, config.train_steps)
     lora_scale, head_layers = None, None
@@ -341,8 +353,10 @@ def train(
     if resumed_from is not None:
         state, data_state = state_lib.restore_checkpoint(manager, state, resumed_from)
         train_iter.set_state(data_state)
-        writer.truncate_after(resumed_from)
         log.info("Resumed from step %d in %s", resumed_from, model_dir)
+    # Steps logged after the checkpoint (all of them, when a run died before its first one) are
+    # trained again now: drop them so that metrics.jsonl holds each step once.
+    writer.truncate_after(resumed_from or 0)
 
     step_fn = make_train_step(
         model_config, config.loss, tx, schedule, config.optimizer, lora_scale,

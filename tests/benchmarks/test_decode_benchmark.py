@@ -20,13 +20,15 @@ def test_records_carry_bounds_and_pass_widths(tmp_path, capsys):
     bench.main([
         "--preset", "tiny", "--shallow", "1", "--batch_sizes", "1", "2", "--max_decode_len", "8",
         "--source_len", "6", "--window", "4", "--repeats", "1", "--no_hf",
-        "--decoders", "greedy", "static", "free", "free_norecords", "--force_exit_rate", "0.5",
-        "--json", str(out),
+        "--decoders", "greedy", "static", "free", "free_norecords", "free_deferred",
+        "--force_exit_rate", "0.5", "--json", str(out),
     ])  # fmt: skip
     printed = capsys.readouterr().out
     records = json.loads(out.read_text())
     assert {(r["decoder"], r["batch_size"]) for r in records} == {
-        (d, b) for d in ("greedy", "static", "free", "free_norecords") for b in (1, 2)
+        (d, b)
+        for d in ("greedy", "static", "free", "free_norecords", "free_deferred")
+        for b in (1, 2)
     }
     for r in records:
         for key in (
@@ -47,9 +49,18 @@ def test_records_carry_bounds_and_pass_widths(tmp_path, capsys):
             assert sum(counts.values()) > 0 and r["pieces_bound"] > 0
             if r["batch_size"] == 1:  # at batch 1 every pass is the example's own
                 assert sum(counts.values()) == r["deep_passes"]
+            assert r["batch_passes"] == sum(counts.values()) and r["max_wait"] >= 0
         else:
             assert r["pieces_bound"] is None
+    deferred = {r["batch_size"]: r for r in records if r["decoder"] == "free_deferred"}
+    for b, r in deferred.items():
+        d = r["deferral"]
+        assert 1 <= d["min_waiting"] <= b and d["step_costs_ms"]["shallow"] > 0
+        assert d["simulated_gain"] >= 1.0  # no deferral is one of the candidates
+    free = {r["batch_size"]: r for r in records if r["decoder"] == "free"}
+    assert free[2]["tokens"] == deferred[2]["tokens"] and free[2]["mean_wait"] == 0
     assert "deep passes by width" in printed and "exit head on C rows" in printed
+    assert "free_deferred batch 2 policy: min_waiting" in printed
 
 
 def test_pieces_bound_hand_count():
@@ -73,14 +84,41 @@ def test_pieces_bound_hand_count():
 def test_named_decoders_are_specs():
     specs = bench.decoder_specs(window=4, static_k=2)
     assert tuple(specs) == bench.DECODERS == (
-        "greedy", "static", "calm", "free", "free_norecords", "free_lossless", "sample", "beam",
+        "greedy", "static", "calm", "free", "free_norecords", "free_lossless", "free_deferred",
+        "sample", "beam", "free_exits", "free_exits_lossless", "calm_exits",
     )  # fmt: skip
     assert specs["static"] == StaticSpec(exit_layer=2)
     assert specs["calm"] == CalmSpec() and specs["calm"].min_exit == 1  # as in the suite
     assert specs["free"] == FreeSpec(window=4)
     assert specs["free_norecords"] == FreeSpec(window=4, records=False)
     assert specs["free_lossless"] == FreeSpec(window=4, lossless=True)
-    assert set(bench.EARLY_EXIT) == {"calm", "free", "free_norecords", "free_lossless"}
+    assert specs["free_exits"] == FreeSpec(window=4, exits=(1, 2))
+    assert specs["calm_exits"] == CalmSpec(exits=(1, 2))
+    assert specs["free_deferred"] == FreeSpec(window=4)  # its policy is planned per batch size
+    assert set(bench.EARLY_EXIT) == {
+        "calm", "free", "free_norecords", "free_lossless", "free_deferred", *bench.MANY_EXITS
+    }  # fmt: skip
+
+
+def test_many_exit_rows_and_their_bound(tmp_path):
+    out = tmp_path / "bench.json"
+    bench.main([
+        "--preset", "tiny", "--batch_sizes", "1", "2", "--max_decode_len", "8", "--source_len",
+        "6", "--window", "4", "--repeats", "1", "--no_hf", "--exits", "1", "2", "--decoders",
+        "greedy", "free_exits", "free_exits_lossless", "calm_exits", "--force_exit_rate", "0.5",
+        "--json", str(out),
+    ])  # fmt: skip
+    records = {(r["decoder"], r["batch_size"]): r for r in json.loads(out.read_text())}
+    for b in (1, 2):
+        lossless = records[("free_exits_lossless", b)]
+        assert lossless["spec"]["exits"] == [1, 2] and lossless["spec"]["lossless"] is True
+        for name in ("free_exits", "calm_exits"):
+            r = records[(name, b)]
+            assert 0.0 < r["exit_rate"] < 1.0
+            # L = 4 over the mean exit layer: 1 if nothing exits, 4 if all leave at layer 1; the
+            # heads' cost can only lower it
+            assert 1.0 < r["bound"] < 4.0 and r["bound_with_heads"] < r["bound"] + 1e-9
+            assert r["pieces_bound"] is None
 
 
 def test_cpu_decode_flags_are_accepted_by_this_jaxlib():

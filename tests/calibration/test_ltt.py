@@ -7,7 +7,6 @@ import math
 import warnings
 from pathlib import Path
 
-import gin
 import numpy as np
 import pytest
 from scipy.special import betainc
@@ -424,13 +423,6 @@ def test_one_table_resolves_every_name():
     )
     online.update(conf, agree)
     assert online.result.estimator == "ltt" and online.threshold == online.result.threshold
-
-
-@pytest.fixture
-def clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
 
 
 @pytest.mark.parametrize(

@@ -123,7 +123,8 @@ def test_every_spec_field_reaches_the_suites_decoders(run_evaluate):
     assert set(rows) >= {"static (k=3)", "calm (thr=0.7)", "free (thr=0.6)", "free (adaptive)"}
     assert rows["free (thr=0.6)"]["spec"] == {
         "type": "FreeSpec", "shallow": 2, "window": 2, "lossless": False, "rollback": 0.5,
-        "records": True, "measure": "softmax_max", "position_temp": 0.3,
+        "records": True, "measure": "softmax_max", "position_temp": 0.3, "exits": None,
+        "min_waiting": 1, "max_wait": 0,
     }  # fmt: skip
     assert rows["free lossless (thr=0.6)"]["method"] == "free_lossless"
     assert rows["calm (thr=0.7)"]["spec"]["min_exit"] == 2
