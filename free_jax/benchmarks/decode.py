@@ -40,10 +40,10 @@ Decoders (`--decoders`) are named specs (`decoder_specs`, one dict): "greedy", "
 default, layer 1, as in the evaluation suite; the README's table was measured with S), "free"
 (`FreeSpec(window=--window)`), "free_norecords" (the same without agreement records),
 "free_lossless", "free_deferred" (FREE with deferred deep passes, `decoding/deferral.py`: its policy
-is planned per batch size from step costs fitted to FREE runs on this machine and the measured exit
-rate; rows report passes, examples served per pass and waits), "sample" (`SampleSpec(top_k=50)`) and "beam" (`BeamSpec(beam_size=4)`); with many
-exits at `--exits` (default three spread evenly, where exit heads go; on random weights every exit
-reads the shared head, which times the same computation trained heads cost): "free_exits"
+is planned per batch size from this batch's measured step pieces and the measured exit rate;
+rows report passes, examples served per pass and waits), "sample" (`SampleSpec(top_k=50)`) and
+"beam" (`BeamSpec(beam_size=4)`); with many exits at `--exits` (default three spread evenly,
+where exit heads go; on random weights every exit reads the shared head, which times the same computation trained heads cost): "free_exits"
 (multi-exit FREE), "free_exits_lossless" and "calm_exits" (CALM testing only those layers). Their
 bound is L over the mean exit layer (a token waits for the layer it leaves at), like CALM's.
 """
@@ -66,8 +66,8 @@ from free_jax.benchmarks.decode_bounds import (
     bound_with_heads,
     component_times,
     layer_bound,
-    measure_step_costs,
     pieces_bound,
+    step_costs,
     timed_runs,
 )
 from free_jax.decoding import cpu_flags, make_decoder, pass_widths
@@ -171,14 +171,12 @@ def random_inputs(config, batch: int, source_len: int, seed: int = 0) -> np.ndar
 # ============================================================================== timing
 
 
-def plan_for_batch(free_decoder, params, enc, threshold, args) -> dict:
-    """FREE deferred's policy at this batch: step costs fitted to FREE runs on this machine
-    (`measure_step_costs`), the exit rate measured at `threshold`, `plan_deferral`."""
-    num_layers = free_decoder.spec.config.num_decoder_layers
-    costs = measure_step_costs(
-        free_decoder, params, enc, (2.0, -1.0, threshold), args.window, repeats=args.repeats
-    )
-    p = free_decoder(params, enc, threshold).exit_rate(num_layers)
+def plan_for_batch(free_decoder, params, enc, threshold, parts: dict, args) -> dict:
+    """FREE deferred's policy at this batch: step costs from this batch's measured pieces
+    (`step_costs`), the exit rate measured at `threshold`, `plan_deferral`."""
+    config = free_decoder.spec.config
+    costs = step_costs(parts, config.shallow_layer)
+    p = free_decoder(params, enc, threshold).exit_rate(config.num_decoder_layers)
     policy, table = plan_deferral(
         costs, batch=enc.shape[0], exit_rate=p, window=args.window, length=args.max_decode_len
     )
@@ -303,13 +301,15 @@ def run(args) -> tuple[list[dict], dict]:
                     )
         # the same exit decisions as FREE's
         thresholds["free_norecords"] = thresholds["free_deferred"] = thresholds["free"]
+        parts = components[batch] = component_times(config, params, enc, args.window)
         deferral = None
         if "free_deferred" in args.decoders:
-            deferral = plan_for_batch(decoder_for("free"), params, enc, thresholds["free"], args)
+            deferral = plan_for_batch(
+                decoder_for("free"), params, enc, thresholds["free"], parts, args
+            )
             specs["free_deferred"] = dataclasses.replace(
                 specs["free"], min_waiting=deferral["min_waiting"], max_wait=deferral["max_wait"]
             )
-        parts = components[batch] = component_times(config, params, enc, args.window)
         runners = {}
         for name in args.decoders:
             decoder, thr = decoder_for(name), thresholds.get(name)
@@ -425,7 +425,7 @@ def format_table(records: list[dict], components: dict) -> str:
             d = r["deferral"]
             lines.append(
                 f"{r['decoder']} batch {r['batch_size']} policy: min_waiting {d['min_waiting']}, "
-                f"max_wait {d['max_wait']} (fitted step costs: shallow "
+                f"max_wait {d['max_wait']} (step costs: shallow "
                 f"{d['step_costs_ms']['shallow']:.3f} ms, pass of 1 "
                 f"{d['step_costs_ms']['deep'][1]:.3f} ms; simulated gain "
                 f"{d['simulated_gain']:.2f}x over no deferral)"

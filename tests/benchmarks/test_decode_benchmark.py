@@ -100,6 +100,7 @@ def test_named_decoders_are_specs():
     }  # fmt: skip
 
 
+@pytest.mark.slow  # multi-exit decoding is tested in tests/decoding/test_multi_exit.py
 def test_many_exit_rows_and_their_bound(tmp_path):
     out = tmp_path / "bench.json"
     bench.main([

@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from free_jax.benchmarks import device_check
 
 
+@pytest.mark.slow  # a benchmark run (the decode and train pieces are tested apart)
 def test_reduced_device_check_writes_both_tables(tmp_path, capsys):
     result = device_check.main(["--out", str(tmp_path), "--reduced"])
     assert result["reduced"] is True

@@ -54,7 +54,14 @@ def median_threshold(params, enc):
 
 
 @pytest.mark.parametrize(
-    "mode, batch", [("plain", 1), ("plain", 3), ("plain", 8), ("rollback", 8), ("lossless", 8)]
+    "mode, batch",
+    [
+        ("plain", 1),
+        ("plain", 3),
+        ("plain", 8),
+        pytest.param("rollback", 8, marks=pytest.mark.slow),
+        ("lossless", 8),
+    ],  # fmt: skip
 )
 def test_any_schedule_gives_each_example_its_own_free_output(mode, batch):
     params, enc = with_eos(0), rows(batch)

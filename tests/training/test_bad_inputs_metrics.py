@@ -4,6 +4,8 @@ every step appears once."""
 
 import json
 
+import pytest
+
 from free_jax.training import MetricsWriter, read_metrics
 
 DIE_AT_STEP_4 = """
@@ -41,6 +43,7 @@ def test_a_torn_last_line_is_dropped(tmp_path):
     assert _steps(tmp_path) == [1]
 
 
+@pytest.mark.slow  # two training subprocesses; truncate_after is tested above
 def test_restart_of_a_run_that_died_before_its_first_checkpoint(tmp_path, smoke_args, run_python):
     model_dir = tmp_path / "died"
     args = smoke_args(model_dir, "--gin.TRAIN_STEPS=5", "--gin.CHECKPOINT_EVERY=100")
