@@ -56,11 +56,11 @@ def median_threshold(params, enc):
 @pytest.mark.parametrize(
     "mode, batch",
     [
-        ("plain", 1),
-        ("plain", 3),
+        pytest.param("plain", 1, marks=pytest.mark.slow),
+        pytest.param("plain", 3, marks=pytest.mark.slow),
         ("plain", 8),
         pytest.param("rollback", 8, marks=pytest.mark.slow),
-        ("lossless", 8),
+        pytest.param("lossless", 8, marks=pytest.mark.slow),
     ],  # fmt: skip
 )
 def test_any_schedule_gives_each_example_its_own_free_output(mode, batch):

@@ -68,7 +68,7 @@ def decode_headed(spec, threshold, tokens=None, lengths=None):
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("window", [2, 4])
+@pytest.mark.parametrize("window", [pytest.param(2, marks=pytest.mark.slow), 4])
 def test_free_with_many_exits_equals_the_teacher_forced_reference(window):
     out = decode_headed(FreeSpec(window=window, exits=EXITS), MIXED)
     tokens, lengths = prompts(NAME)
@@ -107,6 +107,7 @@ def test_a_batch_decodes_like_each_example_alone():
         )
 
 
+@pytest.mark.slow  # exits=(S,) takes the same code path as the default
 def test_one_exit_given_as_exits_is_plain_free():
     a = decode_headed(FreeSpec(window=4), 0.3)
     b = decode_headed(FreeSpec(window=4, exits=(1,)), 0.3)
@@ -166,6 +167,7 @@ def test_caches_are_exact_below_each_positions_frontier():
                 )
 
 
+@pytest.mark.slow
 def test_calm_with_exits_tests_only_those_layers():
     every = decode_headed(CalmSpec(), 0.3)
     listed = decode_headed(CalmSpec(exits=(1, 2, 3)), 0.3)

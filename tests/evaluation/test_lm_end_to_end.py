@@ -72,6 +72,7 @@ def test_calibrate_evaluate_generate_export_a_decoder_only_run(trained, tmp_path
     assert isinstance(config, LMConfig) and config.d_model == 32
 
 
+@pytest.mark.slow  # the per-exit fit, exit records and suite rows are tested apart
 def test_exit_heads_calibrated_per_exit_with_a_guarantee_then_evaluated(trained, tmp_path):
     """Heads file -> calibrate (per-exit Learn-then-Test) -> evaluate's multi-exit rows, each
     guaranteed row with its measured risk; and FREE's own Learn-then-Test row."""

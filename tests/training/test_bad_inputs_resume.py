@@ -21,6 +21,7 @@ def run_dir(tmp_path_factory, smoke_args, run_python):
     return model_dir
 
 
+@pytest.mark.slow  # trains twice in subprocesses; check_run_config is tested below
 def test_restart_with_another_config_fails_and_writes_nothing(run_dir, smoke_args, run_python):
     before = {name: (run_dir / name).read_bytes() for name in RUN_FILES}
     metrics = (run_dir / "metrics.jsonl").read_bytes()
