@@ -26,10 +26,13 @@ _EXPORTS = {
     "free_jax.models": ("T5", "T5Config", "preset", "init_params", "param_shapes", "count_params"),
     "free_jax.models.lm_config": ("LMConfig", "lm_preset", "LM_PRESETS"),
     "free_jax.models.lm": ("DecoderLM",),
+    "free_jax.models.recursive": ("RecursiveConfig",),
+    "free_jax.models.recursive_convert": ("to_recursive",),
+    "free_jax.decoding.depthwise": ("depthwise_decode",),
     "free_jax.checkpoints": ("load_hf", "save_hf", "load_t5x", "load_params", "save_params"),
     "free_jax.decoding": (
         "decode", "make_decoder", "GreedySpec", "SampleSpec", "BeamSpec", "StaticSpec",
-        "CalmSpec", "FreeSpec",
+        "CalmSpec", "FreeSpec", "DepthwiseSpec",
     ),
     "free_jax.calibration": (
         "fit_moments_threshold", "fit_bmm_threshold", "fit_ltt_threshold",

@@ -84,9 +84,15 @@ BATCH_AXES = ("batch", "length")
 
 
 def _axes_of(name: str, ndim: int) -> tuple[str | None, ...]:
+    if name.startswith("relax/"):
+        # A recursive model's relaxation: every leaf is stacked over its L layers (a leading
+        # unnamed axis) in front of what the block's own leaf would be.
+        block_leaf = "decoder/blocks_0/" + name[len("relax/") :]
+        return (None, *_axes_of(block_leaf, ndim - 1))
     lora = re.search(r"/lora_(a|b)$", name)
     if lora:  # A is [fan_in, rank], B is [rank, fan_out] of the adapted kernel [fan_in, fan_out]
-        kernel = _axes_of(name[: lora.start()] + "/kernel", 2)
+        module = name[: lora.start()]  # a relaxation's pair sits under the kernel's own name
+        kernel = _axes_of(module if module.endswith("/kernel") else module + "/kernel", 2)
         return (kernel[0], None) if lora.group(1) == "a" else (None, kernel[1])
     for pattern, axes in PARAM_AXES:
         if re.search(pattern, name):

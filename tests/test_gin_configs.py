@@ -84,7 +84,8 @@ RUN_ENTRY = {
     "runs/train_scratch.gin": "train", "runs/finetune.gin": "train", "runs/demo_cpu.gin": "train",
     "runs/smoke_cpu.gin": "train", "runs/sharded_smoke_cpu.gin": "train",
     "runs/lm_scratch_cpu.gin": "train", "runs/finetune_lm_lora.gin": "train",
-    "runs/exit_heads.gin": "train",
+    "runs/exit_heads.gin": "train", "runs/recursive_uptrain.gin": "train",
+    "runs/recursive_exits.gin": "train",
 }  # fmt: skip
 
 
@@ -149,8 +150,8 @@ def test_training_run_files_bind_every_argument(path, captured):
     else:
         assert isinstance(model, T5Config | LMConfig)
     # Decoder-only models train on a decoder-only format, T5s on 'seq2seq'; exit heads train on
-    # text (decoder-only by default).
-    decoder_only_run = "_lm_" in path or path == "runs/exit_heads.gin"
+    # text (decoder-only by default); recursive models are decoder-only.
+    decoder_only_run = "_lm_" in path or path == "runs/exit_heads.gin" or "recursive_" in path
     assert data.decoder_only == (isinstance(model, LMConfig) or decoder_only_run)
 
 

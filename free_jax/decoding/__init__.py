@@ -19,6 +19,7 @@ from free_jax.decoding.confidence import (
     softmax_margin,
     softmax_max,
 )
+from free_jax.decoding.depthwise import DepthwiseResult, depthwise_decode
 from free_jax.decoding.free import (
     free_bound,
     free_decode,
@@ -30,6 +31,7 @@ from free_jax.decoding.greedy import greedy_decode, sample_decode
 from free_jax.decoding.specs import (
     BeamSpec,
     CalmSpec,
+    DepthwiseSpec,
     FreeSpec,
     GreedySpec,
     SampleSpec,
@@ -47,6 +49,8 @@ __all__ = [
     "BeamResult",
     "BeamSpec",
     "CalmSpec",
+    "DepthwiseResult",
+    "DepthwiseSpec",
     "FreeSpec",
     "GreedySpec",
     "SampleSpec",
@@ -58,6 +62,7 @@ __all__ = [
     "Decoder",
     "DecoderSpec",
     "beam_search",
+    "depthwise_decode",
     "calm_decode",
     "decayed_threshold",
     "decode",

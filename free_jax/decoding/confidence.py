@@ -115,6 +115,24 @@ def learned_confidence(head_params, normed_BD: jax.Array) -> jax.Array:
 # ============================================================== exit rule
 
 
+# Measures that read the exit's hidden state only, never its vocabulary distribution.
+HIDDEN_MEASURES = ("hidden_cosine", "learned")
+
+
+def hidden_confidence(model, measure: str, hidden_BD, prev_hidden_BD=None, head_params=None):
+    """[B] confidence of a measure in `HIDDEN_MEASURES`, without computing the exit's logits
+    (a decoder can then pay the LM head only where a token leaves)."""
+    if measure == "hidden_cosine":
+        if prev_hidden_BD is None:
+            raise ValueError("hidden_cosine needs the previous layer's hidden state")
+        return hidden_cosine(prev_hidden_BD, hidden_BD)
+    if measure == "learned":
+        if head_params is None:
+            raise ValueError("the 'learned' measure needs confidence_params (ConfidenceHead)")
+        return learned_confidence(head_params, model.final_norm(hidden_BD))
+    raise ValueError(f"{measure!r} reads the exit's logits; use exit_confidence")
+
+
 def exit_confidence(
     model, measure: str, hidden_BD, prev_hidden_BD=None, head_params=None, *, layer=None
 ):
@@ -133,16 +151,10 @@ def exit_confidence(
         conf_B = softmax_margin(logits_BV)
     elif measure == "softmax_max":
         conf_B = softmax_max(logits_BV)
-    elif measure == "hidden_cosine":
-        if prev_hidden_BD is None:
-            raise ValueError("hidden_cosine needs the previous layer's hidden state")
-        conf_B = hidden_cosine(prev_hidden_BD, hidden_BD)
-    elif measure == "learned":
-        if head_params is None:
-            raise ValueError("the 'learned' measure needs confidence_params (ConfidenceHead)")
-        conf_B = learned_confidence(head_params, model.final_norm(hidden_BD))
     elif measure == "entropy":
         conf_B = normalized_entropy_confidence(logits_BV)
+    elif measure in HIDDEN_MEASURES:
+        conf_B = hidden_confidence(model, measure, hidden_BD, prev_hidden_BD, head_params)
     else:
         check_measure(measure)
     return logits_BV, conf_B

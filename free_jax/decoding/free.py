@@ -171,7 +171,9 @@ def free_loop(
       confidence_params: `ConfidenceHead` parameters for measure "learned".
       records: static; keep the agreement records. Without them (and in "plain" mode) the deep
         exit reads only each example's current position, which makes a pass cheaper where the LM
-        head is costly (large vocabularies on CPU).
+        head is costly (large vocabularies on CPU); with a measure that reads no logits
+        ("hidden_cosine", "learned") and one exit, the head at S also runs only in steps where a
+        token leaves there: one LM head per token.
       exits: static increasing exit layers in [1, L) (None: (S,)); see the module doc.
       min_waiting, max_wait: traced deferral policy (`deferral.py`): the deep pass runs once at
         least `min_waiting` examples wait for it, or one has waited `max_wait` shallow steps, or
@@ -201,6 +203,8 @@ def free_loop(
     rows_W = jnp.arange(w, dtype=jnp.int32)
 
     current_only = mode == "plain" and not records
+    # One LM head per token: at S only where a token leaves, in a pass only at the current row.
+    head_once = current_only and m == 1 and measure in conf_lib.HIDDEN_MEASURES
 
     last = bounds[-2]  # the deep pass's first layer: the highest exit
 
@@ -294,12 +298,27 @@ def free_loop(
             model, h0_B1D, 0, shallow, cache=s.cache, ctx=ctx, offset_B=offset_B,
             need_prev=measure == "hidden_cosine",
         )  # fmt: skip
-        logits_BV, conf_B = conf_lib.exit_confidence(
-            model, measure, hidden_B1D[:, 0],
-            None if prev_B1D is None else prev_B1D[:, 0], confidence_params, layer=shallow,
-        )  # fmt: skip
+        prev_BD = None if prev_B1D is None else prev_B1D[:, 0]
+        if head_once:
+            # The decision needs no vocabulary distribution, and plain FREE without records
+            # never reads the shallow token of a position that goes deep: pay the LM head at S
+            # only in steps where some example leaves there.
+            conf_B = conf_lib.hidden_confidence(
+                model, measure, hidden_B1D[:, 0], prev_BD, confidence_params
+            )
+            exit_B = conf_lib.exits(conf_B, exit_threshold(s, 0))
+            logits_BV = jax.lax.cond(
+                jnp.any(exit_B & active_B),
+                lambda h_BD: model.exit_logits(h_BD, layer=shallow).astype(jnp.float32),
+                lambda h_BD: jnp.zeros((b, config.vocab_size), jnp.float32),
+                hidden_B1D[:, 0],
+            )
+        else:
+            logits_BV, conf_B = conf_lib.exit_confidence(
+                model, measure, hidden_B1D[:, 0], prev_BD, confidence_params, layer=shallow
+            )
+            exit_B = conf_lib.exits(conf_B, exit_threshold(s, 0))
         shallow_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-        exit_B = conf_lib.exits(conf_B, exit_threshold(s, 0))
         finished_B = ends(shallow_B, s.pos_B)
         need_B = active_B & (~exit_B | forced(s, exit_B, shallow_B))
         pending = run_pass(s, need_B, active_B)

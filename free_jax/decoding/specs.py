@@ -192,6 +192,49 @@ SPECS = (GreedySpec, SampleSpec, BeamSpec, StaticSpec, CalmSpec, FreeSpec)
 METHODS = ("greedy", "sample", "beam", "static", "calm", "free", "free_lossless")
 EARLY_EXIT = (StaticSpec, CalmSpec, FreeSpec)
 NEEDS_THRESHOLD = (CalmSpec, FreeSpec)
+SKIPPED_KV = ("copy_state", "share_loop0")
+
+
+@dataclasses.dataclass(frozen=True)
+class DepthwiseSpec:
+    """Continuous depth-wise batching of a recursive model (`decoding.depthwise`).
+
+    Not a `decode` method: the engine serves a queue of requests through `slots` slots
+    (`depthwise_decode`), and its threshold (the loop-boundary exit) is given per call.
+
+    Attributes:
+      slots: R, requests decoded at once.
+      max_new_tokens: N, tokens each request may emit (EOS ends it sooner).
+      synchronized: run as ordinary batched early exit instead (a slot that exited waits for the
+        batch; a batch is refilled only when all its requests are done): the baseline.
+      skipped_kv: keys/values of skipped loops: "copy_state" (from the exit state, CALM) or
+        "share_loop0" (the loop-0 layer's, recursive KV sharing).
+      measure: the loop-boundary confidence (`decoding.confidence`).
+    """
+
+    slots: int = 8
+    max_new_tokens: int = 32
+    synchronized: bool = False
+    skipped_kv: str = "copy_state"
+    measure: str = DEFAULT_MEASURE
+
+    def __post_init__(self):
+        for name in ("slots", "max_new_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"DepthwiseSpec.{name}={value!r} must be an integer >= 1")
+        if self.skipped_kv not in SKIPPED_KV:
+            raise ValueError(
+                f"DepthwiseSpec.skipped_kv={self.skipped_kv!r}; expected one of {SKIPPED_KV}"
+            )
+        check_measure(self.measure)
+        if self.measure in ("hidden_cosine", "learned"):
+            raise ValueError(
+                f"DepthwiseSpec.measure={self.measure!r}: the engine reads the exit's logits "
+                "only (softmax_margin, softmax_max or entropy)"
+            )
+
+
 TRACED_FIELDS = (
     "position_temp", "rollback", "temperature", "length_penalty", "min_waiting", "max_wait"
 )  # fmt: skip

@@ -6,11 +6,12 @@ import json
 
 from free_jax.models.config import T5Config
 from free_jax.models.lm_config import LMConfig
+from free_jax.models.recursive import RecursiveConfig
 
 
 def config_from_json(text: str, source: str = "<json>") -> T5Config | LMConfig:
-    """An `LMConfig` when the JSON names a "family", else a `T5Config` (every T5 export and run
-    directory written before decoder-only models existed).
+    """A `RecursiveConfig` when the JSON names a "sharing", an `LMConfig` when it names a "family",
+    else a `T5Config` (every T5 export and run directory written before decoder-only models existed).
 
     >>> type(config_from_json(LMConfig().to_json())).__name__, type(config_from_json("{}")).__name__
     ('LMConfig', 'T5Config')
@@ -19,6 +20,8 @@ def config_from_json(text: str, source: str = "<json>") -> T5Config | LMConfig:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{source}: invalid JSON: {e}") from e
+    if isinstance(data, dict) and "sharing" in data:
+        return RecursiveConfig.from_json(text, source=source)
     if isinstance(data, dict) and "family" in data:
         return LMConfig.from_json(text, source=source)
     return T5Config.from_json(text, source=source)
@@ -29,6 +32,11 @@ def describe_config(config) -> str:
     heads = getattr(config, "head_layers", None)
     if heads is not None:  # a HeadedConfig: the backbone, then its heads
         return f"{describe_config(config.base)} + exit heads on layers {tuple(heads)}"
+    if isinstance(config, RecursiveConfig):
+        return (
+            f"recursive {config.sharing} {describe_config(config.base)} as "
+            f"{config.num_blocks} blocks x {config.num_loops} loops, LoRA rank {config.lora_rank}"
+        )
     if isinstance(config, LMConfig):
         return (
             f"{config.family} d_model={config.d_model} heads={config.num_heads}/"

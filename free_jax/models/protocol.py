@@ -119,8 +119,9 @@ def register_family(config_cls: type, module_cls: type, init: Callable | None = 
 
 
 def _family(config) -> type:
-    for config_cls in _FAMILIES:
-        if isinstance(config, config_cls):
+    # The most derived registered class wins (a RecursiveConfig is also an LMConfig).
+    for config_cls in type(config).__mro__:
+        if config_cls in _FAMILIES:
             return config_cls
     known = sorted(c.__name__ for c in _FAMILIES)
     raise TypeError(f"no model family registered for {type(config).__name__}; known: {known}")

@@ -24,6 +24,7 @@ from flax import struct
 from free_jax.models import T5, T5Config
 from free_jax.models.lm import DecoderLM
 from free_jax.models.lm_config import LMConfig
+from free_jax.models.recursive import RecursiveConfig, RecursiveLM
 
 ModelConfig = T5Config | LMConfig
 
@@ -110,8 +111,11 @@ def forward(
             hidden = {i: out.hidden[i - 1] for i in hidden_layers}
             return Forward(out.logits, dict(out.exit_logits), normed, hidden)
 
+        tokens = batch["decoder_input_tokens"]
+        packing = (batch.get("decoder_positions"), batch.get("decoder_segment_ids"))
+        if isinstance(config, RecursiveConfig):  # the vanilla pass on materialised weights
+            return RecursiveLM(config).apply(params, tokens, *packing, method=run_lm, rngs=rngs)
         return DecoderLM(config).apply(
-            {"params": params}, batch["decoder_input_tokens"], batch.get("decoder_positions"),
-            batch.get("decoder_segment_ids"), method=run_lm, rngs=rngs,
-        )  # fmt: skip
+            {"params": params}, tokens, *packing, method=run_lm, rngs=rngs
+        )
     raise TypeError(f"training supports T5Config and LMConfig models, got {type(config).__name__}")

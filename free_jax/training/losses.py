@@ -1,5 +1,6 @@
-"""Training losses: plain cross-entropy, CALM's depth-weighted CE, FREE's shallow-deep loss, and
-the self-distillation of exit heads (Valade 2024).
+"""Training losses: plain cross-entropy, CALM's depth-weighted CE, FREE's shallow-deep loss, the
+self-distillation of exit heads (Valade 2024), and exits at a recursive model's loop boundaries
+(kind "loop_exits", in `training.loop_exit_loss`).
 
 All of them read the same batch (t5x feature names) and work on any model family: the model is run
 in one place (`forward.forward`: T5 on encoder + decoder tokens, a decoder-only LM on its decoder
@@ -43,7 +44,7 @@ import jax.numpy as jnp
 from free_jax.models.exit_heads import exit_head_layers, head_logits
 from free_jax.training.forward import ModelConfig, forward
 
-LOSS_KINDS = ("free", "calm", "ce", "exit_heads")
+LOSS_KINDS = ("free", "calm", "ce", "exit_heads", "loop_exits")
 ALIGNMENTS = ("dynamic", "uniform", "last")
 
 
@@ -54,7 +55,9 @@ class LossConfig:
     Attributes:
       kind: "free" (shallow-deep CE + layer-wise KD), "calm" (every layer's CE, weighted by
         depth), "ce" (top layer only: the full-model baseline) or "exit_heads" (self-distillation
-        of exit heads into a frozen backbone; `TrainConfig.exit_heads` says which layers).
+        of exit heads into a frozen backbone; `TrainConfig.exit_heads` says which layers) or
+        "loop_exits" (a recursive model's exits at its loop boundaries, distilled from the final
+        layer: CE_L + loop_exit_alpha * sum_i (CE_i + KD_i); see `training.loop_exit_loss`).
       kd_alpha: FREE's alpha, the weight of the distillation term.
       kd_alignment: how teachers pick students: "dynamic" (FREE's default), "uniform" (teacher j
         teaches student j) or "last" (the deep output teaches the shallow exit only).
@@ -63,6 +66,7 @@ class LossConfig:
         the KL is scaled by tau^2 (Hinton's convention, which keeps gradient sizes comparable).
       exit_heads_top_k: restrict the exit heads' teacher to its top-k tokens, renormalised (None:
         the whole vocabulary).
+      loop_exit_alpha: the weight of the loop exits' CE and KD terms (kind "loop_exits").
     """
 
     kind: str = "free"
@@ -71,6 +75,7 @@ class LossConfig:
     z_loss: float = 0.0
     exit_heads_temperature: float = 1.0
     exit_heads_top_k: int | None = None
+    loop_exit_alpha: float = 0.1
 
     def __post_init__(self):
         if self.kind not in LOSS_KINDS:
@@ -87,6 +92,8 @@ class LossConfig:
             )
         if self.exit_heads_top_k is not None and self.exit_heads_top_k < 1:
             raise ValueError(f"LossConfig.exit_heads_top_k={self.exit_heads_top_k} must be >= 1")
+        if not self.loop_exit_alpha >= 0:
+            raise ValueError(f"LossConfig.loop_exit_alpha={self.loop_exit_alpha} must be >= 0")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -464,6 +471,9 @@ def compute_loss(
             final_BTV, logits, weights_BT, temperature=loss_config.exit_heads_temperature,
             top_k=loss_config.exit_heads_top_k,
         )  # fmt: skip
+    # loop_exit_loss builds on this module's token pieces: a top-level import would be circular.
+    from free_jax.training import loop_exit_loss
+
     normed_layers = ()
     if loss_config.kind == "free":
         shallow = c.shallow_layer
@@ -474,6 +484,8 @@ def compute_loss(
         normed_layers = tuple(sorted(set(range(1, shallow + 1)) | set(teachers)))
     elif loss_config.kind == "calm":
         exit_layers = tuple(range(1, num_layers))
+    elif loss_config.kind == "loop_exits":
+        exit_layers = loop_exit_loss.loop_exit_layers(c)
     else:
         exit_layers = ()
     out = forward(
@@ -493,6 +505,11 @@ def compute_loss(
         return calm_loss(
             logits, targets_BT, weights_BT, shallow_layer=c.shallow_layer, z_loss=loss_config.z_loss
         )
+    if loss_config.kind == "loop_exits":
+        return loop_exit_loss.loop_exits_loss(
+            out.logits, out.exit_logits, targets_BT, weights_BT,
+            alpha=loss_config.loop_exit_alpha, z_loss=loss_config.z_loss,
+        )  # fmt: skip
     return ce_loss(out.logits, targets_BT, weights_BT, loss_config.z_loss)
 
 

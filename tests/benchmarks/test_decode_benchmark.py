@@ -15,6 +15,7 @@ from free_jax.decoding import cpu_flags
 from free_jax.decoding.specs import CalmSpec, FreeSpec, GreedySpec, StaticSpec
 
 
+@pytest.mark.slow  # ~30 s of compiling five decoders twice; the bound's hand count stays below
 def test_records_carry_bounds_and_pass_widths(tmp_path, capsys):
     out = tmp_path / "bench.json"
     bench.main([

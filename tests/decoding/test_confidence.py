@@ -99,3 +99,11 @@ def test_free_with_other_measures_matches_simulation(measure):
         np.testing.assert_array_equal(out.tokens[row], tokens)
         np.testing.assert_array_equal(out.exit_layer[row], exits)
         np.testing.assert_allclose(out.confidence[row], confs, atol=1e-5)
+    # Without records, FREE pays the LM head at S only in steps where a token leaves there (one
+    # head per token): the same tokens, exits and confidences.
+    once = make_decoder(
+        config, method="free", max_decode_len=N, window=W, measure=measure, records=False
+    )(params, enc, threshold, confidence_params=head)
+    for field in ("tokens", "exit_layer", "lengths", "num_deep_passes"):
+        np.testing.assert_array_equal(getattr(once, field), getattr(out, field))
+    np.testing.assert_allclose(once.confidence, out.confidence, atol=1e-6)
