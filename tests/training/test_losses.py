@@ -208,7 +208,7 @@ def test_compute_loss_is_jittable_with_dropout(tiny):
     )
     a, b = fn(params, batch, jax.random.key(1)), fn(params, batch, jax.random.key(2))
     assert np.isfinite(float(a)) and float(a) != float(b)
-    assert losses.LOSS_KINDS == ("free", "calm", "ce", "exit_heads")
+    assert losses.LOSS_KINDS == ("free", "calm", "ce", "exit_heads", "loop_exits")
 
 
 @pytest.mark.slow
