@@ -285,6 +285,7 @@ def _validation_loss(config, params, data, tokenizer_path):
     return losses[f"ce_layer{config.num_layers}"]
 
 
+@pytest.mark.slow  # trains the vanilla model (~20 s); the loss and recursify errors stay fast
 def test_stepwise_and_average_start_far_below_random(vanilla, tmp_path):
     """Before any uptraining, a 3-loop model whose 2 blocks are the trained model's layers
     (stepwise: layers 1 and 6; average: the mean of layers 1, 3, 5 and of 2, 4, 6) predicts the
@@ -335,6 +336,7 @@ GIN_SMALL = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow  # ~20 s of training runs; both run files are parsed in tests/test_gin_configs.py
 def test_recursify_then_uptrain_then_loop_exits_through_the_run_files(
     vanilla, tmp_path, tfds_dir, capsys, clean_gin
 ):
