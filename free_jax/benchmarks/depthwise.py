@@ -25,8 +25,9 @@ Rows (each at every slot count R; a "batch" is R requests):
   depthwise           continuous depth-wise batching (exits refill their slot at once).
 Columns: tokens/s over the median of `--repeats` timed rounds (each round runs every row once,
 after a warm-up), speedup over recursive greedy, the exit rate per loop, slot-loops per token
-(loop calls x R / tokens: B for greedy when every request runs to the end), and the count-based
-bound B / (mean loops per token): the speedup if every slot-loop advanced a token and a tick cost
+(loop calls x R / tokens: B for greedy when every request runs to the end), block calls per token
+(JSON `block_calls_per_token`: calls of one block over all R rows, per generated token), and the
+count-based bound B / (mean loops per token): the speedup if every slot-loop advanced a token and a tick cost
 what one loop of greedy costs. `of bound` = speedup / bound.
 """
 
@@ -93,9 +94,11 @@ def forced_threshold(config, params, prompts, lengths, result, rate: float) -> f
     return float(np.quantile(np.asarray(confs)[emitted_QN.reshape(-1)], 1.0 - rate))
 
 
-def _greedy_runner(config, params, prompts, lengths, slots: int, new_tokens: int):
+def _greedy_runner(config, params, prompts, lengths, slots: int, new_tokens: int, steps: list):
+    """Batch after batch of `slots` requests; appends each round's decode steps to `steps`."""
+
     def run():
-        produced = 0
+        produced, rounds = 0, 0
         for start in range(0, prompts.shape[0], slots):
             batch = slice(start, start + slots)
             rows = prompts[batch]
@@ -106,6 +109,8 @@ def _greedy_runner(config, params, prompts, lengths, slots: int, new_tokens: int
                 prompt_lengths=np.pad(lengths[batch], (0, pad), constant_values=1),
             )  # fmt: skip
             produced += int(np.asarray(result.lengths)[: rows.shape[0]].sum())
+            rounds += int(np.asarray(result.lengths).max())  # the batch steps until its longest
+        steps.append(rounds)
         return produced
 
     return run
@@ -124,11 +129,12 @@ def run(args) -> list[dict]:
         spec = lambda slots=slots, **kw: DepthwiseSpec(
             slots=slots, max_new_tokens=args.new_tokens, skipped_kv=args.skipped_kv, **kw
         )
+        greedy_steps: list[int] = []
         engines = {
             "vanilla_greedy": _greedy_runner(vanilla, vanilla_params, prompts, lengths, slots,
-                                             args.new_tokens),
+                                             args.new_tokens, []),
             "recursive_greedy": _greedy_runner(config, params, prompts, lengths, slots,
-                                               args.new_tokens),
+                                               args.new_tokens, greedy_steps),
         }  # fmt: skip
         results: dict = {}
 
@@ -158,7 +164,10 @@ def run(args) -> list[dict]:
                 engine=name, slots=slots, tokens=tokens[name], tokens_per_s=tps[name],
                 median_s=statistics.median(times[name]),
                 speedup_vs_greedy=tps[name] / tps["recursive_greedy"], exit_rate=None,
-                bound=1.0, loop_calls_per_token=float(config.num_loops), threshold=None,
+                bound=1.0, threshold=None,
+                # A greedy step runs every layer once over the batch (each call over R rows).
+                loop_calls_per_token=greedy_steps[-1] * config.num_loops * slots / tokens[name],
+                block_calls_per_token=greedy_steps[-1] * config.num_layers / tokens[name],
             )  # fmt: skip
             if name in results:
                 r = results[name]
@@ -170,7 +179,7 @@ def run(args) -> list[dict]:
                     bound=config.num_loops / float(np.mean(emitted + 1)),
                     loop_calls_per_token=int(r.ticks) * slots / emitted.size,
                     ticks=int(r.ticks), busy=int(r.busy),
-                    block_calls_per_tick=len(tick_plan(config)),
+                    block_calls_per_token=int(r.ticks) * len(tick_plan(config)) / emitted.size,
                     threshold=None if name == "engine_never" else threshold,
                 )  # fmt: skip
             record["of_bound"] = record["speedup_vs_greedy"] / record["bound"]
