@@ -28,6 +28,7 @@ import numpy as np
 
 from free_jax.data import default_bos_id, get_task
 from free_jax.decoding import MEASURES, decode
+from free_jax.decoding.api import check_threshold
 from free_jax.decoding.specs import DEFAULT_THRESHOLD, METHODS, NEEDS_THRESHOLD, spec_for
 from free_jax.loading import load_confidence_head, load_model
 from free_jax.models import T5Config
@@ -104,6 +105,19 @@ def render(pieces, exit_layers, confidences, num_layers, color: bool, show_conf:
     return "".join(out)
 
 
+def threshold_flag(text: str) -> float:
+    """--threshold's type: any real number ("nan" is not one: a NaN threshold never exits)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    try:
+        check_threshold(value, repr(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m free_jax.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -111,8 +125,9 @@ def parse_args(argv):
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--tokenizer", default=None)
     p.add_argument("--decoder", choices=sorted({*METHODS, *ALIASES}), default="free")
-    p.add_argument("--threshold", type=float, default=None,
-                   help=f"exit threshold (calm/free; default {DEFAULT_THRESHOLD})")  # fmt: skip
+    p.add_argument("--threshold", type=threshold_flag, default=None,
+                   help=f"exit when confidence > this (calm/free; default {DEFAULT_THRESHOLD}); "
+                        "any real number: below 0 always exits, 1 or more never")  # fmt: skip
     p.add_argument("--threshold_file", default=None, help="a threshold.json from calibrate")
     spec = p.add_argument_group("decoder options (fields of the method's spec; default: its own)")
     spec.add_argument("--exit_layer", type=int, default=None,

@@ -17,6 +17,7 @@ import numpy as np
 from flax import serialization
 
 from free_jax.checkpoints import load_hf, load_params, load_t5x
+from free_jax.checkpoints.store import check_weights_beside_config
 from free_jax.data import load_tokenizer
 from free_jax.data.tokenizer import check_vocabulary_fits
 from free_jax.models import T5Config
@@ -43,6 +44,7 @@ def load_model(checkpoint: str, tokenizer: str | None = None, **config_overrides
     elif (path / "config.json").exists() and any(path.glob("*.safetensors*")):
         config, params = load_hf(str(path), **config_overrides)
     elif path.is_dir():
+        check_weights_beside_config(path)
         from free_jax.training.state import load_trained  # a training MODEL_DIR
 
         config, params, saved_tok = load_trained(path)

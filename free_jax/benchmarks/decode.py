@@ -84,6 +84,7 @@ from free_jax.decoding.specs import (
     StaticSpec,
 )
 from free_jax.evaluation.suite import spec_fields
+from free_jax.generate import threshold_flag
 from free_jax.models import T5Config, param_shapes, preset
 from free_jax.models.exit_heads import default_exit_head_layers
 from free_jax.models.lm_config import LM_PRESETS, lm_preset
@@ -449,7 +450,7 @@ def parse_args(argv=None):
         help="the many-exit decoders' layers (default: 3 spread evenly, as exit heads are)",
     )  # fmt: skip
     parser.add_argument("--force_exit_rate", type=float, default=None)
-    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
+    parser.add_argument("--threshold", type=threshold_flag, default=DEFAULT_THRESHOLD)
     parser.add_argument("--embedding_std", type=float, default=0.3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)

@@ -29,7 +29,7 @@ from etils import epath
 
 from free_jax.data import builders  # noqa: F401  (registers the offline corpora with TFDS)
 from free_jax.data import tokenizer as tokenizer_lib
-from free_jax.data.jsonl import get_field, read_jsonl
+from free_jax.data.jsonl import JsonlError, get_field, read_jsonl
 
 METRICS = ("rouge", "bleu", "squad")
 
@@ -326,16 +326,31 @@ def load_source(
     Raises:
       DatasetNotPreparedError: the dataset is not prepared (and cannot prepare itself).
       ImportError: the data is stored as tfrecord (or reader="tfds_load") without TensorFlow.
+      JsonlError: a JSONL task's file is malformed, or has no usable records (named in both).
     """
     if task.dataset == "jsonl":
         if split not in task.jsonl_files:
             raise KeyError(f"Task {task.name!r} has no JSONL file for split {split!r}")
-        return read_jsonl(
+        source = read_jsonl(
             task.jsonl_files[split],
             input_field=task.input_fields,
             target_field=task.target_field,
             skip_malformed=task.skip_malformed,
         )
+        # Checked at the first read: an empty training file once surfaced, much later, as an
+        # empty data shard that named no file.
+        if not len(source):
+            skipped = (
+                f" ({source.num_malformed} malformed and {source.num_missing_field} missing a "
+                "field skipped)"
+                if source.num_skipped
+                else ""
+            )
+            raise JsonlError(
+                f"{source.path}: no usable records for split {split!r} of task "
+                f"{task.name!r}{skipped}"
+            )
+        return source
     if reader not in ("auto", "data_source", "tfds_load"):
         raise ValueError(f"reader must be auto, data_source or tfds_load, got {reader!r}")
     builder = _tfds_builder(task, data_dir)

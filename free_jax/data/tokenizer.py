@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import sentencepiece as spm
 from etils import epath
+from sentencepiece import sentencepiece_model_pb2
 
 PAD_ID = 0
 EOS_ID = 1
@@ -79,16 +80,31 @@ class SentencePieceTokenizer(Tokenizer):
     as text so that span-corruption outputs stay readable.
     """
 
-    def __init__(self, model_proto: bytes, *, extra_ids: int = 0):
+    def __init__(self, model_proto: bytes, *, extra_ids: int = 0, source: str = "<bytes>"):
+        """`source` names where the proto came from (its file) in error messages."""
         self._model_proto = model_proto
-        self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        except RuntimeError as e:  # sentencepiece's "INTERNAL: ... ParseFromArray" names no file
+            raise ValueError(
+                f"{source}: not a SentencePiece model (truncated or another format?): {e}"
+            ) from e
+        # A file cut between two pieces still parses, as a model with fewer pieces; a whole one
+        # ends with its normalizer spec, which is serialised after them.
+        if not sentencepiece_model_pb2.ModelProto.FromString(model_proto).HasField(
+            "normalizer_spec"
+        ):
+            raise ValueError(
+                f"{source}: not a whole SentencePiece model: it ends before its normalizer spec "
+                "(truncated?)"
+            )
         self.extra_ids = extra_ids
         self.pad_id = self._sp.pad_id()
         self.eos_id = self._sp.eos_id()
         self.unk_id = self._sp.unk_id()
         if self.pad_id < 0 or self.eos_id < 0:
             raise ValueError(
-                "This SentencePiece model has no pad or eos piece; T5 models need both "
+                f"{source}: this SentencePiece model has no pad or eos piece; T5 models need both "
                 f"(pad_id={self.pad_id}, eos_id={self.eos_id}). Train it with "
                 "get_or_train_sentencepiece or use T5's spiece.model."
             )
@@ -210,7 +226,7 @@ def get_or_train_sentencepiece(
     """
     path = epath.Path(path)
     if path.exists():
-        return SentencePieceTokenizer(path.read_bytes(), extra_ids=extra_ids)
+        return SentencePieceTokenizer(path.read_bytes(), extra_ids=extra_ids, source=str(path))
     tokenizer = train_sentencepiece(
         texts(), vocab_size=vocab_size, extra_ids=extra_ids, **train_kwargs
     )
@@ -253,6 +269,13 @@ class HFTokenizer(Tokenizer):
         return self._tok.decode(ids, skip_special_tokens=False)
 
 
+def _read_json(path: epath.Path):
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON: {e}") from e
+
+
 def _special_tokens(directory: epath.Path, tok) -> dict[str, str]:
     """pad_token / eos_token of a decoder-only checkpoint's tokenizer.json ("<|endoftext|>",
     "<|end_of_text|>", ...): named by the `tokenizer_config.json` beside it, else given by id in the
@@ -262,12 +285,12 @@ def _special_tokens(directory: epath.Path, tok) -> dict[str, str]:
     eos = pad = None
     path = directory / "tokenizer_config.json"
     if path.exists():
-        config = json.loads(path.read_text())
+        config = _read_json(path)
         name = lambda v: v.get("content") if isinstance(v, dict) else v
         eos, pad = name(config.get("eos_token")), name(config.get("pad_token"))
     path = directory / "config.json"
     if not eos and path.exists():
-        config = json.loads(path.read_text())
+        config = _read_json(path)
         first = lambda v: v[0] if isinstance(v, list) and v else v
         eos_id, pad_id = first(config.get("eos_token_id")), first(config.get("pad_token_id"))
         eos = tok.id_to_token(eos_id) if isinstance(eos_id, int) else None
@@ -287,7 +310,10 @@ def load_hf_tokenizer(path: str | os.PathLike, **kwargs) -> HFTokenizer:
             "Reading tokenizer.json needs the `tokenizers` package: pip install tokenizers"
         ) from e
     path = epath.Path(path)
-    tok = tokenizers.Tokenizer.from_str(path.read_text())
+    try:
+        tok = tokenizers.Tokenizer.from_str(path.read_text())
+    except Exception as e:  # tokenizers raises a bare Exception that names no file
+        raise ValueError(f"{path}: not a Hugging Face tokenizer.json (truncated?): {e}") from e
     return HFTokenizer(tok, **{**_special_tokens(path.parent, tok), **kwargs})
 
 
@@ -354,4 +380,4 @@ def load_tokenizer(path: str | os.PathLike, *, extra_ids: int = 0) -> Tokenizer:
         raise FileNotFoundError(f"Tokenizer file not found: {path}")
     if path.suffix == ".json":
         return load_hf_tokenizer(path)
-    return SentencePieceTokenizer(path.read_bytes(), extra_ids=extra_ids)
+    return SentencePieceTokenizer(path.read_bytes(), extra_ids=extra_ids, source=str(path))

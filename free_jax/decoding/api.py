@@ -56,10 +56,33 @@ from free_jax.decoding.state import BeamResult, DecodeResult
 from free_jax.decoding.static import static_decode
 from free_jax.models.protocol import check_tokens
 
-__all__ = ["METHODS", "Decoder", "DecoderSpec", "decode", "make_decoder"]
+__all__ = ["METHODS", "Decoder", "DecoderSpec", "check_threshold", "decode", "make_decoder"]
 
 # How many times each static configuration was traced (a retrace means a recompile).
 TRACE_COUNTS: collections.Counter = collections.Counter()
+
+
+def check_threshold(threshold, name: str = "threshold") -> np.ndarray:
+    """The threshold's values as float32; a ValueError naming `name` unless it is real numbers.
+
+    Any real number is a threshold (see `decode`); NaN is not: no confidence is greater than NaN,
+    so a NaN threshold silently never exits (and a FREE that waits for a shallow exit never
+    ends). Strings and bools are not numbers, even where numpy would convert them.
+
+    >>> check_threshold([0.5, -1.0, float("inf")])
+    array([ 0.5, -1. ,  inf], dtype=float32)
+    >>> check_threshold(float("nan"), "--threshold")
+    Traceback (most recent call last):
+    ...
+    ValueError: --threshold is NaN; give a real number (exit when confidence > threshold)
+    """
+    kind = np.asarray(threshold).dtype.kind if not isinstance(threshold, str | bytes) else "U"
+    if kind not in "iuf":  # "b" bool, "U"/"S" text, "O" anything else, "c" complex
+        raise ValueError(f"{name} must be a real number, got {threshold!r}")
+    values = np.asarray(threshold, np.float32)
+    if np.isnan(values).any():
+        raise ValueError(f"{name} is NaN; give a real number (exit when confidence > threshold)")
+    return values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,10 +235,9 @@ class Decoder:
         spec, n = self.method_spec, self.spec.max_decode_len
         if isinstance(spec, specs_lib.NEEDS_THRESHOLD) and threshold is None:
             raise ValueError(f"{type(spec).__name__} needs a threshold")
+        # A traced threshold (a decoder inside the caller's jit) has no value to check here.
         if threshold is not None and not isinstance(threshold, jax.core.Tracer):
-            values = np.asarray(threshold, np.float32)
-            if np.isnan(values).any():
-                raise ValueError("threshold is NaN; give a number (a confidence in [0, 1])")
+            values = check_threshold(threshold)
             m = specs_lib.num_exits(spec)
             if values.shape not in ((), (m,)):
                 raise ValueError(
@@ -322,7 +344,12 @@ def decode(
         (`specs.spec_for`: exit_layer, window, measure, rollback_threshold, records,
         position_temp, top_k, temperature, beam_size, length_penalty).
       max_decode_len: N, the output length.
-      threshold: exit when confidence > threshold (CALM and FREE).
+      threshold: exit when confidence > threshold (CALM and FREE); a scalar, or one per exit
+        for specs with many `exits`. Any real number: every measure lies in [-1, 1] (the softmax
+        ones and entropy in [0, 1]), so below -1 always exits (below 0 for those) and 1 or more
+        never exits; the tests and benchmarks use -1 and 2 for that. NaN or a non-number is a
+        ValueError, raised before tracing. Fitted thresholds (`calibration.load_threshold`) lie
+        in [0, 1], being probabilities (or are inf: never exit).
       prompt_lengths: [B] prompt lengths (decoder-only; None: every row is a whole prompt).
       max_lengths: optional [B] per-example maximum lengths (<= N).
       confidence_params: a `ConfidenceHead`'s parameters for measure "learned".

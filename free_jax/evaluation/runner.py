@@ -19,8 +19,10 @@ from tqdm.auto import tqdm
 from free_jax.calibration import OnlineThreshold
 from free_jax.data import default_bos_id, eval_batches, lm_eval_batches, load_source
 from free_jax.decoding import make_decoder
+from free_jax.decoding.api import check_threshold
 from free_jax.decoding.specs import DEFAULT_THRESHOLD, NEEDS_THRESHOLD, FreeSpec, Spec, method_name
 from free_jax.evaluation import metrics
+from free_jax.field_types import check_field_types
 from free_jax.models import T5Config
 
 
@@ -78,6 +80,10 @@ class EvalSettings:
     adaptive_initial_threshold: float = DEFAULT_THRESHOLD
     adaptive_max_examples: int = 300
     zeta: float = 0.4
+
+    def __post_init__(self):
+        check_field_types(self)
+        check_threshold(self.adaptive_initial_threshold, "EvalSettings.adaptive_initial_threshold")
 
 
 @dataclasses.dataclass

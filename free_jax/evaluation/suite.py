@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from free_jax.decoding import free_bound
+from free_jax.decoding.api import check_threshold
 from free_jax.decoding.specs import (
     DEFAULT_THRESHOLD,
     CalmSpec,
@@ -37,6 +38,7 @@ from free_jax.evaluation.runner import (
     run_decoder,
     score_run,
 )
+from free_jax.field_types import check_field_types
 from free_jax.models import T5Config
 
 
@@ -80,6 +82,12 @@ class SuiteSpec:
     exit_guarantee: tuple[float, float] | None = None
 
     def __post_init__(self):
+        check_field_types(self)
+        # Checked here, from the gin flags, before any model loads or decoder runs.
+        for name in ("free_threshold", "calm_threshold", "calibrated_threshold",
+                     "sweep_thresholds", "exit_thresholds"):  # fmt: skip
+            if getattr(self, name) is not None:
+                check_threshold(getattr(self, name), f"SuiteSpec.{name}")
         if (self.exits is None) != (self.exit_thresholds is None) or (
             self.exits is not None and len(self.exits) != len(self.exit_thresholds)
         ):

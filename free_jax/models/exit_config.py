@@ -47,8 +47,14 @@ class ExitConfig:
 
     @classmethod
     def from_json(cls, text: str, source: str = "<json>"):
-        """The config `to_json` wrote; an unknown field is an error naming it and `source`."""
-        data = json.loads(text)
+        """The config `to_json` wrote; invalid JSON or an unknown field is an error naming
+        `source` (the file), and the field."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{source}: invalid JSON: {e}") from e
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: expected a JSON object of {cls.__name__} fields")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 from free_jax.data.tasks import Task
+from free_jax.field_types import check_field_types
 from free_jax.partitioning import PartitionConfig
 from free_jax.training.lora import LoraConfig
 from free_jax.training.losses import LossConfig
@@ -73,6 +74,7 @@ class DataConfig:
     num_threads: int = 2
 
     def __post_init__(self):
+        check_field_types(self)
         if self.format not in DATA_FORMATS:
             raise ValueError(f"DataConfig.format={self.format!r}; expected one of {DATA_FORMATS}")
 
@@ -131,6 +133,7 @@ class TrainConfig:
     partition: PartitionConfig = PartitionConfig()
 
     def __post_init__(self):
+        check_field_types(self)
         if self.train_steps < 1 or self.batch_size < 1:
             raise ValueError("train_steps and batch_size must be >= 1")
         if self.initial_checkpoint_format not in INITIAL_CHECKPOINT_FORMATS:

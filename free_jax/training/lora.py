@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from free_jax.field_types import check_field_types
 from free_jax.models.layers import Dense
 
 # Module names of the attention projections (q, k, v, o) and MLP kernels in the t5x layout.
@@ -51,6 +52,7 @@ class LoraConfig:
     stacks: tuple[str, ...] = ("encoder", "decoder")
 
     def __post_init__(self):
+        check_field_types(self)
         if self.rank < 1:
             raise ValueError(f"LoraConfig.rank must be >= 1, got {self.rank}")
 

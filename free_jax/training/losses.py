@@ -41,6 +41,7 @@ from collections.abc import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
+from free_jax.field_types import check_field_types
 from free_jax.models.exit_heads import exit_head_layers, head_logits
 from free_jax.training.forward import ModelConfig, forward
 
@@ -78,6 +79,7 @@ class LossConfig:
     loop_exit_alpha: float = 0.1
 
     def __post_init__(self):
+        check_field_types(self)
         if self.kind not in LOSS_KINDS:
             raise ValueError(f"LossConfig.kind={self.kind!r}; expected one of {LOSS_KINDS}")
         if self.kd_alignment not in ALIGNMENTS:

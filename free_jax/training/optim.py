@@ -15,6 +15,8 @@ from collections.abc import Callable
 import jax.numpy as jnp
 import optax
 
+from free_jax.field_types import check_field_types
+
 OPTIMIZERS = ("adafactor", "adamw")
 SCHEDULES = ("rsqrt", "cosine", "linear", "constant")
 
@@ -55,6 +57,7 @@ class OptimizerConfig:
     grad_accum_steps: int = 1
 
     def __post_init__(self):
+        check_field_types(self)
         if self.name not in OPTIMIZERS:
             raise ValueError(f"OptimizerConfig.name={self.name!r}; expected one of {OPTIMIZERS}")
         if self.schedule not in SCHEDULES:

@@ -36,6 +36,8 @@ from etils import epath
 from flax import struct
 
 from free_jax import partitioning
+from free_jax.checkpoints.store import reading_arrays
+from free_jax.field_types import check_field_types
 from free_jax.models import T5Config
 from free_jax.models.configs import config_from_json
 from free_jax.models.exit_heads import load_exit_heads
@@ -120,6 +122,9 @@ class CheckpointConfig:
     best_mode: str = "min"
     async_save: bool = True
 
+    def __post_init__(self):
+        check_field_types(self)
+
 
 def _data_handler() -> ocp.JsonCheckpointHandler:
     """JSON of the data iterator's position, written by every process into its own file.
@@ -187,12 +192,13 @@ def restore_checkpoint(manager, template: TrainState, step: int | None = None):
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
         template.to_dict(),
     )
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()
-        ),
-    )
+    with reading_arrays(f"{manager.directory} step {step}"):
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()
+            ),
+        )
     return TrainState.from_dict(restored.state), restored.data
 
 
@@ -290,9 +296,10 @@ def read_saved_state(model_dir, step: int | None = None) -> tuple[int, dict[str,
         target = jax.tree.map(
             lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved
         )
-        restored = manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
-        )
+        with reading_arrays(f"{manager.directory} step {step}"):
+            restored = manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+            )
     finally:
         manager.close()
     return step, restored.state

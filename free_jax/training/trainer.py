@@ -82,6 +82,8 @@ def load_initial_checkpoint(path: str, fmt: str = "auto") -> tuple[ModelConfig, 
 
     local = epath.Path(path)
     if fmt == "auto":
+        if local.is_dir():
+            checkpoints.store.check_weights_beside_config(local)
         if (local / "params").is_dir() or (local / state_lib.CHECKPOINT_SUBDIR).is_dir():
             fmt = "free_jax"
         else:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from free_jax.benchmarks import depthwise as bench
 
 
+@pytest.mark.slow  # ~16 s of compiling five engines; the engine itself is tested in tests/decoding
 def test_records_compare_every_engine_on_the_same_requests(tmp_path, capsys):
     out = tmp_path / "depthwise.json"
     bench.main([

@@ -30,7 +30,9 @@ def hf_generate(model, prompt: np.ndarray, eos: int) -> list[int]:
 
 @pytest.mark.parametrize(
     "family, kw",
-    [("llama", {}), ("llama", dict(tie_word_embeddings=True, num_key_value_heads=3)),
+    [("llama", {}),
+     pytest.param("llama", dict(tie_word_embeddings=True, num_key_value_heads=3),
+                  marks=pytest.mark.slow),  # tied heads: logits parity stays fast in test_lm
      ("gpt_neox", {}), ("gpt2", {})],
     ids=["llama-gqa", "llama-tied", "gpt_neox", "gpt2"],
 )  # fmt: skip

@@ -43,10 +43,7 @@ def _emitted(result) -> list[np.ndarray]:
     return [np.asarray(result.tokens_QN)[i, loops[i] >= 0] for i in range(loops.shape[0])]
 
 
-@pytest.mark.parametrize(
-    "sharing, layers, rank",
-    [("cycle", 6, 3), pytest.param("middle_cycle", 8, 0, marks=pytest.mark.slow)],
-)  # middle_cycle's engine path stays fast in the exits test below
+@pytest.mark.parametrize("sharing, layers, rank", [("cycle", 6, 3), ("middle_cycle", 8, 0)])
 def test_never_exit_equals_greedy_decoding_of_the_recursive_model(sharing, layers, rank):
     c, params = _model(sharing, layers, rank)
     prompts, lengths = _requests(5)
@@ -61,7 +58,8 @@ def test_never_exit_equals_greedy_decoding_of_the_recursive_model(sharing, layer
 
 @pytest.mark.parametrize(
     "sharing, layers, rank, skipped_kv",
-    [("cycle", 6, 3, "copy_state"), ("middle_cycle", 8, 0, "share_loop0"),
+    [("cycle", 6, 3, "copy_state"),
+     pytest.param("middle_cycle", 8, 0, "share_loop0", marks=pytest.mark.slow),
      pytest.param("cycle", 6, 3, "share_loop0", marks=pytest.mark.slow),
      pytest.param("middle_cycle", 8, 0, "copy_state", marks=pytest.mark.slow)],
 )  # fmt: skip
@@ -85,6 +83,7 @@ def test_exits_do_not_depend_on_slots_order_or_synchronisation(sharing, layers, 
     np.testing.assert_array_equal(np.asarray(shuffled.tokens_QN)[np.argsort(perm)], base.tokens_QN)
 
 
+@pytest.mark.slow  # ~9 s; both rules run in the slot-independence test
 def test_skipped_kv_rules_differ_once_tokens_exit_early():
     """The two rules fill different keys/values for skipped loops, which later tokens read: on
     this model 4 of 32 tokens differ at threshold 0.3 (the slot tests are not comparing two
@@ -103,9 +102,7 @@ def test_skipped_kv_rules_differ_once_tokens_exit_early():
     assert (tokens[0] != tokens[1]).sum() > 0
 
 
-@pytest.mark.parametrize(
-    "seed", [0, 1, pytest.param(2, marks=pytest.mark.slow), pytest.param(3, marks=pytest.mark.slow)]
-)
+@pytest.mark.parametrize("seed", [0, *(pytest.param(s, marks=pytest.mark.slow) for s in (1, 2, 3))])
 def test_refills_never_drop_or_duplicate_a_request(seed):
     """Random queues, lengths, slot counts and thresholds: every request is served once, its
     tokens are a gap-free prefix ending at its EOS or N, and every slot-loop is accounted for."""

@@ -44,6 +44,7 @@ def test_records_equal_the_full_forward_pass_on_greedy_outputs():
     np.testing.assert_array_equal(np.asarray(recs.deep_BN)[valid], out[valid])
 
 
+@pytest.mark.slow  # the decoder-only twin above stays fast
 def test_t5_records_and_the_measured_risk():
     cfg = preset("tiny")
     params = init_params(cfg, jax.random.key(0))

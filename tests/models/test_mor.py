@@ -70,8 +70,8 @@ def _tokens(batch: int = 8, length: int = 9, seed: int = 2) -> jax.Array:
     [
         ("expert_choice", "recursion", "topk"),
         ("expert_choice", "recursion", "causal"),
-        ("expert_choice", "share", "topk"),
-        pytest.param("expert_choice", "share", "causal", marks=pytest.mark.slow),
+        pytest.param("expert_choice", "share", "topk", marks=pytest.mark.slow),
+        ("expert_choice", "share", "causal"),
         # Token-choice routing is per token: "causal" is the same pass as "topk".
         ("token_choice", "recursion", "topk"),
         pytest.param("token_choice", "share", "topk", marks=pytest.mark.slow),

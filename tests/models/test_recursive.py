@@ -85,8 +85,8 @@ def _family(name: str, layers: int) -> LMConfig:
     "family, sharing, loops, init",
     [
         ("tiny-llama", "cycle", 3, "stepwise"),
-        ("tiny-neox", "cycle", 2, "average"),
-        ("tiny-gpt2", "middle_cycle", 2, "lower"),
+        pytest.param("tiny-neox", "cycle", 2, "average", marks=pytest.mark.slow),
+        pytest.param("tiny-gpt2", "middle_cycle", 2, "lower", marks=pytest.mark.slow),
     ],
 )
 def test_full_rank_relaxation_equals_the_original(family, sharing, loops, init):

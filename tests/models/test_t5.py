@@ -165,6 +165,7 @@ def test_causality_by_perturbation_and_gradient():
     assert np.abs(np.asarray(grad[:, :4])).max() > 0.0
 
 
+@pytest.mark.slow  # bf16 decoding of every family runs in the lowering and LM tests
 def test_bf16_runs_and_stays_close():
     cfg16 = CONFIG.replace(dtype="bfloat16")
     enc, dec = _enc(), _tokens(7, (3, 5))
