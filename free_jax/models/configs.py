@@ -6,12 +6,14 @@ import json
 
 from free_jax.models.config import T5Config
 from free_jax.models.lm_config import LMConfig
+from free_jax.models.mor import MoRConfig
 from free_jax.models.recursive import RecursiveConfig
 
 
 def config_from_json(text: str, source: str = "<json>") -> T5Config | LMConfig:
-    """A `RecursiveConfig` when the JSON names a "sharing", an `LMConfig` when it names a "family",
-    else a `T5Config` (every T5 export and run directory written before decoder-only models existed).
+    """A `MoRConfig` when the JSON names a "router", a `RecursiveConfig` when it names a "sharing",
+    an `LMConfig` when it names a "family", else a `T5Config` (every T5 export and run directory
+    written before decoder-only models existed).
 
     >>> type(config_from_json(LMConfig().to_json())).__name__, type(config_from_json("{}")).__name__
     ('LMConfig', 'T5Config')
@@ -20,6 +22,8 @@ def config_from_json(text: str, source: str = "<json>") -> T5Config | LMConfig:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{source}: invalid JSON: {e}") from e
+    if isinstance(data, dict) and "router" in data:
+        return MoRConfig.from_json(text, source=source)
     if isinstance(data, dict) and "sharing" in data:
         return RecursiveConfig.from_json(text, source=source)
     if isinstance(data, dict) and "family" in data:

@@ -265,3 +265,11 @@ def test_forward_errors():
         mor_forward(config, params, _tokens(1, 4), deterministic=False)
     with pytest.raises(ValueError, match="vocabulary"):
         mor_forward(config, params, jnp.full((1, 4), 99))
+
+
+def test_config_json_round_trip():
+    from free_jax.models.configs import config_from_json
+
+    config = _config(kv="share")
+    assert config_from_json(config.to_json()) == config
+    assert type(config_from_json(config.to_json())) is type(config)
