@@ -22,8 +22,8 @@ from free_jax.decoding import make_decoder
 from free_jax.decoding.api import check_threshold
 from free_jax.decoding.specs import DEFAULT_THRESHOLD, NEEDS_THRESHOLD, FreeSpec, Spec, method_name
 from free_jax.evaluation import metrics
-from free_jax.field_types import check_field_types
 from free_jax.models import T5Config
+from free_jax.models.field_types import check_field_types
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,8 +38,8 @@ from free_jax.evaluation.runner import (
     run_decoder,
     score_run,
 )
-from free_jax.field_types import check_field_types
 from free_jax.models import T5Config
+from free_jax.models.field_types import check_field_types
 
 
 @dataclasses.dataclass(frozen=True)

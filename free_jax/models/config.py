@@ -10,6 +10,7 @@ import dataclasses
 from typing import Any
 
 from free_jax.models.exit_config import ExitConfig
+from free_jax.models.field_types import check_field_types
 
 _ACTIVATIONS = ("relu", "gated-gelu", "gelu", "gated-relu", "gated-silu")
 
@@ -59,6 +60,7 @@ class T5Config(ExitConfig):
     decoder_start_token_id: int = 0
 
     def __post_init__(self):
+        check_field_types(self)  # `--gin.model_config.d_ff="abc"` names the field
         if self.feed_forward_proj not in _ACTIVATIONS:
             raise ValueError(
                 f"T5Config.feed_forward_proj={self.feed_forward_proj!r}; expected one of {_ACTIVATIONS}"

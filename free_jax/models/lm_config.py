@@ -17,6 +17,7 @@ import dataclasses
 from typing import Any
 
 from free_jax.models.exit_config import ExitConfig
+from free_jax.models.field_types import check_field_types
 from free_jax.models.rotary import LLAMA3_KEYS, normalise_llama3_scaling
 
 FAMILIES = ("llama", "gpt_neox", "gpt2")
@@ -103,6 +104,8 @@ class LMConfig(ExitConfig):
     def __post_init__(self):
         def fail(field: str, why: str):
             raise ValueError(f"LMConfig.{field}={getattr(self, field)!r} {why}")
+
+        check_field_types(self)  # `--gin.model_config.norm_eps="x"` names the field
 
         for field, allowed in (
             ("family", FAMILIES), ("norm", _NORMS), ("activation", _ACTIVATIONS),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 from free_jax.data.tasks import Task
-from free_jax.field_types import check_field_types
+from free_jax.models.field_types import check_field_types
 from free_jax.partitioning import PartitionConfig
 from free_jax.training.lora import LoraConfig
 from free_jax.training.losses import LossConfig

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from free_jax.field_types import check_field_types
+from free_jax.models.field_types import check_field_types
 from free_jax.models.layers import Dense
 
 # Module names of the attention projections (q, k, v, o) and MLP kernels in the t5x layout.

@@ -41,8 +41,8 @@ from collections.abc import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from free_jax.field_types import check_field_types
 from free_jax.models.exit_heads import exit_head_layers, head_logits
+from free_jax.models.field_types import check_field_types
 from free_jax.training.forward import ModelConfig, forward
 
 LOSS_KINDS = ("free", "calm", "ce", "exit_heads", "loop_exits")

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import jax.numpy as jnp
 import optax
 
-from free_jax.field_types import check_field_types
+from free_jax.models.field_types import check_field_types
 
 OPTIMIZERS = ("adafactor", "adamw")
 SCHEDULES = ("rsqrt", "cosine", "linear", "constant")

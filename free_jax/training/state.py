@@ -37,10 +37,10 @@ from flax import struct
 
 from free_jax import partitioning
 from free_jax.checkpoints.store import reading_arrays
-from free_jax.field_types import check_field_types
 from free_jax.models import T5Config
 from free_jax.models.configs import config_from_json
 from free_jax.models.exit_heads import load_exit_heads
+from free_jax.models.field_types import check_field_types
 from free_jax.models.lm_config import LMConfig
 
 CHECKPOINT_SUBDIR = "checkpoints"

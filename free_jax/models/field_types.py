@@ -1,5 +1,8 @@
 """Type checks of a config dataclass's scalar fields, so that a bad value names its field.
 
+It lives in `models/` because the model configs use it too, and `models` imports nothing else of
+free_jax; the training, evaluation and LoRA configs import it from here.
+
 gin bindings and JSON reach the configs unchecked: `--gin.TRAIN_STEPS="abc"` once surfaced as a
 `TypeError` deep in the trainer (comparing a str with an int) that named no field, and
 `TrainConfig.progress_bar="False"` would have been silently true. A config's `__post_init__` calls
