@@ -38,6 +38,8 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from free_jax.models.field_types import check_field_types
+
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
 # ---------------------------------------------------------------------------------------------
@@ -266,6 +268,7 @@ class PartitionConfig:
     replica: int = 1
 
     def __post_init__(self):
+        check_field_types(self)  # `--gin.PartitionConfig.model="2"` names the field
         if self.strategy not in RULES:
             raise ValueError(
                 f"PartitionConfig.strategy={self.strategy!r}; expected one of {sorted(RULES)}"

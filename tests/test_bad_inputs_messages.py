@@ -31,6 +31,7 @@ from free_jax.loading import load_model
 from free_jax.models import T5Config, init_params, preset
 from free_jax.models.lm_config import LMConfig
 from free_jax.models.recursive import RecursiveConfig
+from free_jax.partitioning import PartitionConfig
 from free_jax.training import (
     CheckpointConfig,
     DataConfig,
@@ -65,6 +66,7 @@ DEMO_SPM = REPO / "demo" / "model" / "spm.model"
         (LoraConfig, dict(alpha="128"), "LoraConfig.alpha must be a float, got '128'"),
         (EvalSettings, dict(max_decode_len="64"), "EvalSettings.max_decode_len must be an int, got '64'"),
         (SuiteSpec, dict(include_lossless="yes"), "SuiteSpec.include_lossless must be a bool, got 'yes'"),
+        (PartitionConfig, dict(model="2"), "PartitionConfig.model must be an int, got '2'"),
         (T5Config, dict(d_ff="abc"), "T5Config.d_ff must be an int, got 'abc'"),
         (T5Config, dict(dropout_rate="0.1"), "T5Config.dropout_rate must be a float, got '0.1'"),
         (LMConfig, dict(norm_eps="x"), "LMConfig.norm_eps must be a float, got 'x'"),
