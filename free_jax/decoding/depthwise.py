@@ -127,16 +127,15 @@ def _layer_R(config: RecursiveConfig, index: int, role: str, loop_R: jax.Array) 
         return jnp.zeros_like(loop_R)
     if role == "last":
         return jnp.full_like(loop_R, config.num_layers - 1)
-    first = 1 if config.sharing == "middle_cycle" else 0
-    k = index - first
-    return first + loop_R * config.loop_width + k
+    first = config.unique_ends
+    return first + loop_R * config.loop_width + (index - first)
 
 
 def _skipped_source(config: RecursiveConfig, layer: int) -> int | None:
     """The loop-0 layer running `layer`'s block ("share_loop0"), or None (a unique last layer)."""
     if config.sharing == "middle_cycle" and layer == config.num_layers - 1:
         return None
-    first = 1 if config.sharing == "middle_cycle" else 0
+    first = config.unique_ends
     return first + (layer - first) % config.loop_width
 
 
@@ -318,9 +317,8 @@ def _fill_skipped(c, spec, params, st, early_R, hidden_RD, write):
                 key, value = rows_layer_kv(c, params, layer, hidden_RD[:, None], st.position_R)
                 key_RHK, value_RHK = key[:, :, 0], value[:, :, 0]
             else:
-                src_R = jnp.where(skipped(layer), st.request_R, q)
-                key_RHK = st.key_QLHTK[src_R, source, :, st.position_R]
-                value_RHK = st.value_QLHTK[src_R, source, :, st.position_R]
+                key_RHK = st.key_QLHTK[rows_R, source, :, st.position_R]
+                value_RHK = st.value_QLHTK[rows_R, source, :, st.position_R]
             st = write(st, rows_R, layer_R, st.position_R, key_RHK, value_RHK)
         return st
 

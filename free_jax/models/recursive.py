@@ -100,7 +100,7 @@ class RecursiveConfig(LMConfig):
             fail(f"num_loops={self.num_loops!r} must be an integer >= 1")
         if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
             fail(f"lora_rank={self.lora_rank!r} must be an integer >= 0")
-        looped = self.num_layers - (2 if self.sharing == "middle_cycle" else 0)
+        looped = self.num_layers - 2 * self.unique_ends
         if looped < self.num_loops or looped % self.num_loops:
             fail(
                 f"sharing={self.sharing!r} loops {looped} of num_layers={self.num_layers} layers; "
@@ -115,15 +115,20 @@ class RecursiveConfig(LMConfig):
         return LMConfig(**{n: getattr(self, n) for n in names})
 
     @property
+    def unique_ends(self) -> int:
+        """Unique layers at each end of the stack (1 for middle_cycle, 0 for cycle): the first
+        looped layer's index, and what the layer arithmetic below offsets by."""
+        return 1 if self.sharing == "middle_cycle" else 0
+
+    @property
     def loop_width(self) -> int:
         """K' layers of one loop through the shared blocks (K for cycle, K - 2 for middle_cycle)."""
-        looped = self.num_layers - (2 if self.sharing == "middle_cycle" else 0)
-        return looped // self.num_loops
+        return (self.num_layers - 2 * self.unique_ends) // self.num_loops
 
     @property
     def num_blocks(self) -> int:
         """K unique blocks."""
-        return self.loop_width + (2 if self.sharing == "middle_cycle" else 0)
+        return self.loop_width + 2 * self.unique_ends
 
     def block_of(self, layer: int) -> int:
         """The block layer `layer` (0-based) runs."""
@@ -139,14 +144,14 @@ class RecursiveConfig(LMConfig):
 
     def loop_of(self, layer: int) -> int:
         """The loop j (0-based) that layer `layer` belongs to."""
-        first = 1 if self.sharing == "middle_cycle" else 0
-        return min(max(layer - first, 0) // self.loop_width, self.num_loops - 1)
+        return min(max(layer - self.unique_ends, 0) // self.loop_width, self.num_loops - 1)
 
     @property
     def loop_exit_layers(self) -> tuple[int, ...]:
         """1-based layer counts at the end of loops 0..B-2: where loop-boundary exits sit."""
-        first = 1 if self.sharing == "middle_cycle" else 0
-        return tuple(first + (j + 1) * self.loop_width for j in range(self.num_loops - 1))
+        return tuple(
+            self.unique_ends + (j + 1) * self.loop_width for j in range(self.num_loops - 1)
+        )
 
     @property
     def shallow_layer(self) -> int:

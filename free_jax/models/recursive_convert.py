@@ -30,7 +30,7 @@ import numpy as np
 from flax import traverse_util
 
 from free_jax.models.lm_config import LMConfig
-from free_jax.models.recursive import RecursiveConfig, init_recursive_params, zero_relaxation
+from free_jax.models.recursive import RecursiveConfig, init_recursive_params
 
 INITS = ("stepwise", "average", "lower", "random")
 
@@ -151,8 +151,3 @@ def _svd_relaxation(config: RecursiveConfig, decoder, blocks) -> dict:
             "lora_b": np.stack(b_list).astype(dtype),
         }
     return traverse_util.unflatten_dict(out)
-
-
-def random_relaxation(config: RecursiveConfig, params, rng: jax.Array) -> dict:
-    """`params` with a relaxation that changes nothing yet (for a pure model gaining adapters)."""
-    return {**params, "relax": zero_relaxation(config, params["decoder"]["blocks_0"], rng)}
