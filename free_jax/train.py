@@ -39,6 +39,7 @@ from free_jax.data import jsonl_task
 from free_jax.models import PRESETS, T5Config
 from free_jax.models import preset as model_preset
 from free_jax.models.lm_config import FAMILIES, LM_PRESETS, LMConfig, lm_preset
+from free_jax.models.mor import MoRConfig
 from free_jax.partitioning import PartitionConfig
 from free_jax.training import (
     CheckpointConfig,
@@ -59,6 +60,7 @@ for _cls in (
     gin.external_configurable(_cls, module="free_jax")
 gin.external_configurable(T5Config, module="free_jax")
 gin.external_configurable(LMConfig, module="free_jax")
+gin.external_configurable(MoRConfig, module="free_jax")
 gin.external_configurable(jsonl_task, module="free_jax")
 
 

@@ -85,7 +85,7 @@ RUN_ENTRY = {
     "runs/smoke_cpu.gin": "train", "runs/sharded_smoke_cpu.gin": "train",
     "runs/lm_scratch_cpu.gin": "train", "runs/finetune_lm_lora.gin": "train",
     "runs/exit_heads.gin": "train", "runs/recursive_uptrain.gin": "train",
-    "runs/recursive_exits.gin": "train",
+    "runs/recursive_exits.gin": "train", "runs/mor_scratch_cpu.gin": "train",
 }  # fmt: skip
 
 

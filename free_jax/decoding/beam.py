@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 
 from free_jax.decoding.state import BeamResult, BeamState, decode_setup
-from free_jax.models import DecoderCache, LayerCache
 
 
 def _gather_beams(x_BK, beam_BK):
@@ -22,13 +21,9 @@ def _gather_beams(x_BK, beam_BK):
     return jnp.take_along_axis(x_BK, idx, axis=1)
 
 
-def _reorder_cache(cache: DecoderCache, flat_rows) -> DecoderCache:
-    return DecoderCache(
-        layers=tuple(
-            LayerCache(key_BHTK=layer.key_BHTK[flat_rows], value_BHTK=layer.value_BHTK[flat_rows])
-            for layer in cache.layers
-        )
-    )
+def _reorder_cache(cache, flat_rows):
+    # Any family's cache pytree (every leaf has the batch x beam rows first).
+    return jax.tree.map(lambda x: x[flat_rows], cache)
 
 
 def length_penalty_factor(length, alpha):

@@ -43,6 +43,7 @@ from flax import struct
 from free_jax.decoding.confidence import exit_confidence, exits
 from free_jax.decoding.specs import DepthwiseSpec
 from free_jax.models.cache import LayerCache
+from free_jax.models.mor import MoRConfig
 from free_jax.models.protocol import bind
 from free_jax.models.recursive import RecursiveConfig, rows_block, rows_layer_kv
 
@@ -151,7 +152,8 @@ def depthwise_decode(
     """Greedy decoding of Q right-padded prompts through R slots (see the module docstring).
 
     Args:
-      config, params: a recursive model (`RecursiveConfig`).
+      config, params: a recursive model (`RecursiveConfig`); a Mixture-of-Recursions model
+        (`MoRConfig`) goes to `mor_depthwise.routed_decode`, its routers in place of a threshold.
       prompts_QS: [Q, S] int prompts in queue order; lengths_Q: [Q] their lengths (None: S).
       spec: slots, new tokens per request, mode, skipped-loop keys/values, measure (None: the
         defaults, `DepthwiseSpec()`).
@@ -163,6 +165,15 @@ def depthwise_decode(
             f"depthwise_decode needs a RecursiveConfig model, got {type(config).__name__}"
         )
     spec = DepthwiseSpec() if spec is None else spec
+    if isinstance(config, MoRConfig):  # the routers decide: `mor_depthwise.py`
+        if not (isinstance(threshold, float | int) and threshold == 2.0):
+            raise ValueError(
+                "depthwise_decode: a Mixture-of-Recursions model's routers choose each token's "
+                f"depth; threshold={threshold!r} does not apply (leave it out)"
+            )
+        from free_jax.decoding.mor_depthwise import routed_decode  # imports this module
+
+        return routed_decode(config, params, prompts_QS, lengths_Q, spec)
     if not isinstance(threshold, jax.core.Tracer):
         value = np.asarray(threshold, np.float32)
         if value.shape != () or np.isnan(value):
@@ -259,7 +270,7 @@ def _decode(config, spec, params, prompts_QS, lengths_Q, threshold) -> Depthwise
             ticks=st.ticks + 1,
             busy=st.busy + jnp.sum(running_R),
         )
-        return _refill(spec, st, exit_R, done_R, q, fill)
+        return refill(spec, st, exit_R, done_R, q, fill)
 
     def cond(st: DepthwiseState):
         return jnp.any(st.request_R < q) | (st.next_request < q)
@@ -271,7 +282,7 @@ def _decode(config, spec, params, prompts_QS, lengths_Q, threshold) -> Depthwise
     )  # fmt: skip
 
 
-def _refill(spec: DepthwiseSpec, st: DepthwiseState, exit_R, done_R, q: int, fill):
+def refill(spec: DepthwiseSpec, st: DepthwiseState, exit_R, done_R, q: int, fill):
     """Waiting (synchronized mode) and the queue: who takes which request next."""
     request_R = jnp.where(done_R, q, st.request_R)
     if spec.synchronized:

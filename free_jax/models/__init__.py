@@ -1,6 +1,7 @@
 """Pure model code: T5 and decoder-only LMs with early exits, an explicit KV cache, and the protocol
 every decoder uses (`protocol.py`). Imports nothing else of free_jax."""
 
+from free_jax.models import mor_cached  # noqa: E402,F401  (registers the MoR family)
 from free_jax.models.cache import CrossKV, DecoderCache, LayerCache, init_cache, write_chunk
 from free_jax.models.config import PRESETS, T5Config, preset
 from free_jax.models.headed import HeadedConfig, HeadedModel

@@ -7,6 +7,7 @@ import json
 from free_jax.models.config import T5Config
 from free_jax.models.lm_config import LMConfig
 from free_jax.models.mor import MoRConfig
+from free_jax.models.mor_cached import MoRModel  # noqa: F401  (registers the MoR family)
 from free_jax.models.recursive import RecursiveConfig
 
 

@@ -42,6 +42,7 @@ PREFILL_CHUNK = 256
 __all__ = [
     "PREFILL_CHUNK",
     "DecoderLM",
+    "prefill",
     "LMOutput",
     "init_lm_params",
     "lm_param_shapes",
@@ -200,38 +201,7 @@ class DecoderLM(nn.Module):
         Example (S = 4, lengths [4, 2]): prefill writes positions 0..2 of both rows; decoding
         starts at base [3, 1] from tokens [prompt[0, 3], prompt[1, 1]].
         """
-        c = self.config
-        b, s = prompt_BS.shape
-        depth = c.num_layers if num_layers is None else num_layers
-        if not 0 <= depth <= c.num_layers:
-            raise ValueError(f"start: num_layers={depth} is outside [0, {c.num_layers}]")
-        if s < 1 or extra_length < 0:
-            raise ValueError(
-                f"start: needs a prompt length S >= 1 and extra_length >= 0, got {s}, {extra_length}"
-            )
-        if lengths_B is None:
-            lengths_B = jnp.full((b,), s, jnp.int32)
-        elif not isinstance(lengths_B, jax.core.Tracer):
-            concrete = np.asarray(lengths_B)
-            if concrete.shape != (b,) or concrete.min() < 1 or concrete.max() > s:
-                raise ValueError(
-                    f"start: lengths_B must be [B={b}] ints in [1, S={s}], got {concrete.tolist()}"
-                )
-        lengths_B = jnp.asarray(lengths_B, jnp.int32)
-        valid_BS = jnp.arange(s)[None, :] < lengths_B[:, None]
-        if not isinstance(prompt_BS, jax.core.Tracer) and not isinstance(valid_BS, jax.core.Tracer):
-            check_tokens(np.where(valid_BS, prompt_BS, 0), c.vocab_size, "prompt")
-        # Padding may hold any int; an id outside the table would embed as NaN, and a NaN key or
-        # value poisons every query (0 weight * NaN), so padding is embedded as token 0.
-        prompt_BS = jnp.where(valid_BS, prompt_BS, 0)
-        cache = self.init_cache(b, s + extra_length)
-        for a in range(0, s - 1 if depth else 0, PREFILL_CHUNK):
-            offset_B = jnp.full((b,), a, jnp.int32)
-            hidden_BCD = self.embed(prompt_BS[:, a : min(a + PREFILL_CHUNK, s - 1)], offset_B)
-            _, cache = self.layers(hidden_BCD, start=0, end=depth, cache=cache, offset_B=offset_B)
-        last_B = lengths_B - 1
-        first_B = jnp.take_along_axis(prompt_BS, last_B[:, None], axis=1)[:, 0]
-        return DecodeContext(first_token_B=first_B.astype(jnp.int32), base_B=last_B), cache
+        return prefill(self, self.config, prompt_BS, lengths_B, extra_length, num_layers)
 
     def embed(self, tokens_BC: jax.Array, offset_B: jax.Array) -> jax.Array:
         """Layer-0 inputs [B, C, D] of tokens at positions offset_B[b] + c."""
@@ -289,6 +259,43 @@ class DecoderLM(nn.Module):
             raise ValueError(f"layer_kv: layer={layer} is outside [0, {self.config.num_layers})")
         positions_BC = _arange_BC(offset_B, hidden_BCD.shape[1])
         return self.decoder.layer_kv(hidden_BCD, layer, positions_BC)
+
+
+def prefill(model, config, prompt_BS, lengths_B, extra_length: int, num_layers: int | None):
+    """`DecoderLM.start` for any model with its `init_cache`, `embed` and `layers(start, end)`
+    (the Mixture-of-Recursions model prefills the same way)."""
+    c = config
+    b, s = prompt_BS.shape
+    depth = c.num_layers if num_layers is None else num_layers
+    if not 0 <= depth <= c.num_layers:
+        raise ValueError(f"start: num_layers={depth} is outside [0, {c.num_layers}]")
+    if s < 1 or extra_length < 0:
+        raise ValueError(
+            f"start: needs a prompt length S >= 1 and extra_length >= 0, got {s}, {extra_length}"
+        )
+    if lengths_B is None:
+        lengths_B = jnp.full((b,), s, jnp.int32)
+    elif not isinstance(lengths_B, jax.core.Tracer):
+        concrete = np.asarray(lengths_B)
+        if concrete.shape != (b,) or concrete.min() < 1 or concrete.max() > s:
+            raise ValueError(
+                f"start: lengths_B must be [B={b}] ints in [1, S={s}], got {concrete.tolist()}"
+            )
+    lengths_B = jnp.asarray(lengths_B, jnp.int32)
+    valid_BS = jnp.arange(s)[None, :] < lengths_B[:, None]
+    if not isinstance(prompt_BS, jax.core.Tracer) and not isinstance(valid_BS, jax.core.Tracer):
+        check_tokens(np.where(valid_BS, prompt_BS, 0), c.vocab_size, "prompt")
+    # Padding may hold any int; an id outside the table would embed as NaN, and a NaN key or
+    # value poisons every query (0 weight * NaN), so padding is embedded as token 0.
+    prompt_BS = jnp.where(valid_BS, prompt_BS, 0)
+    cache = model.init_cache(b, s + extra_length)
+    for a in range(0, s - 1 if depth else 0, PREFILL_CHUNK):
+        offset_B = jnp.full((b,), a, jnp.int32)
+        hidden_BCD = model.embed(prompt_BS[:, a : min(a + PREFILL_CHUNK, s - 1)], offset_B)
+        _, cache = model.layers(hidden_BCD, start=0, end=depth, cache=cache, offset_B=offset_B)
+    last_B = lengths_B - 1
+    first_B = jnp.take_along_axis(prompt_BS, last_B[:, None], axis=1)[:, 0]
+    return DecodeContext(first_token_B=first_B.astype(jnp.int32), base_B=last_B), cache
 
 
 def init_lm_params(config: LMConfig, rng: jax.Array, batch: int = 1, length: int = 4):

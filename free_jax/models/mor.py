@@ -31,16 +31,16 @@ Stored fraction of a full recursive model's middle-block keys/values with expert
     >>> c.keep_counts(6), c.kv_fraction(6), c.replace(kv="share").kv_fraction(6)
     ((6, 4, 2), 0.6666666666666666, 0.3333333333333333)
 
-Two teacher-forced paths compute the same function: `mor_forward` gathers the kept tokens into a
-[B, A, D] block input (A = k_r for expert-choice top-k, padded to T where the count depends on the
-data) and scatters the update back; `mor_forward_dense` runs every token at every recursion with
-attention masked to the active keys and the update masked with `jnp.where` (the tests' reference).
+Two teacher-forced paths compute the same function: `mor_forward` (here) gathers the kept tokens
+into a [B, A, D] block input (A = k_r for expert-choice top-k, padded to T where the count depends
+on the data) and scatters the update back; `mor_cached.mor_forward_dense` runs every token at every
+recursion with attention masked to the active keys and the update masked with `jnp.where` — the
+same code that decodes step by step against a cache (the tests' reference).
 `routing="causal"` routes each position from its own hidden state (`causal_route`), as decoding
 must, instead of the training-time top-k, which depends on later tokens.
 
-Parameters: `init_recursive_params`'s tree plus `routers` (`init_routers`). Not registered with
-`protocol.register_family`: the step-by-step decoding protocol (a per-recursion cache) is not
-implemented here.
+Parameters: `init_recursive_params`'s tree plus `routers` (`init_routers`). The decoding protocol
+(`protocol.register_family`) is `mor_cached.MoRModel`.
 """
 
 from __future__ import annotations
@@ -61,7 +61,6 @@ from free_jax.models.mor_routers import (
     expert_gate,
     expert_logits,
     init_routers,
-    rank_keep,
     token_aux,
     token_route,
     top_k_keep,
@@ -83,7 +82,6 @@ __all__ = [
     "causal_route",
     "init_mor_params",
     "mor_forward",
-    "mor_forward_dense",
 ]
 
 
@@ -184,7 +182,7 @@ class MoROutput:
 # ============================================================ pieces shared by both paths
 
 
-class _Run:
+class Runner:
     """What one forward pass threads through its layers: config, params, dropout keys."""
 
     def __init__(self, config: MoRConfig, params, deterministic: bool, rng):
@@ -193,7 +191,7 @@ class _Run:
         self.c, self.params, self.det, self.rng, self.calls = config, params, deterministic, rng, 0
 
     def rngs(self) -> dict:
-        # A fresh dropout key per layer call, in call order (the same in both paths).
+        # A fresh dropout key per layer call, in call order (the same in mor_cached's pass).
         self.calls += 1
         return {} if self.det else {"dropout": jax.random.fold_in(self.rng, self.calls)}
 
@@ -215,8 +213,7 @@ class _Run:
     def middle(self, recursion, x_BAD, positions_BA, valid_BA, shared):
         """The K' middle blocks of recursion `recursion` on A rows at `positions_BA`.
 
-        `valid_BA` marks the active rows (others are padding or, in the dense path, inactive
-        tokens whose outputs the caller drops). kv "recursion": row a attends to valid rows at
+        `valid_BA` marks the active rows (the others are padding whose outputs the caller drops). kv "recursion": row a attends to valid rows at
         positions <= its own. kv "share": recursion 1 (A = T, positions 0..T-1) writes its keys/
         values into `shared` (returned); later recursions read them: every position <= the row's.
         Returns (f(x) [B, A, D], the shared keys/values per layer).
@@ -271,7 +268,7 @@ def _gather(x_BT_, idx_BA):
 # ============================================================ the recursions
 
 
-def _expert(run: _Run, hidden_BTD, routing: str, dense: bool):
+def _expert(run: Runner, hidden_BTD, routing: str):
     """Expert-choice recursions; returns (hidden, router logits, kept masks)."""
     c, (b, t, _) = run.c, hidden_BTD.shape
     rows_B1 = jnp.arange(b)[:, None]
@@ -282,80 +279,60 @@ def _expert(run: _Run, hidden_BTD, routing: str, dense: bool):
         if routing == "causal":
             logits_BT, run_BT = causal_route(c, run.params["routers"], r, hidden_BTD)
             kept_BT = kept_BT & run_BT
-            if not dense:
-                idx_BA, valid_BA = _compact(kept_BT)
+            idx_BA, valid_BA = _compact(kept_BT)
         else:
             logits_BT = expert_logits(run.params["routers"], r, hidden_BTD)
-            if dense:
-                kept_BT = rank_keep(logits_BT, kept_BT, k)
-            else:
-                idx_BA = top_k_keep(logits_BT, cand_BP, k)
-                valid_BA, cand_BP = jnp.ones(idx_BA.shape, bool), idx_BA
-                kept_BT = jnp.zeros((b, t), bool).at[rows_B1, idx_BA].set(True)
+            idx_BA = top_k_keep(logits_BT, cand_BP, k)
+            valid_BA, cand_BP = jnp.ones(idx_BA.shape, bool), idx_BA
+            kept_BT = jnp.zeros((b, t), bool).at[rows_B1, idx_BA].set(True)
         gate_BT = expert_gate(c, logits_BT)
-        if dense:
-            all_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-            f_BTD, shared = run.middle(r, hidden_BTD, all_BT, kept_BT, shared)
-            weight_BT = jnp.where(kept_BT, gate_BT, 0.0).astype(hidden_BTD.dtype)
-            hidden_BTD = hidden_BTD + weight_BT[..., None] * f_BTD
-        else:
-            f_BAD, shared = run.middle(r, _gather(hidden_BTD, idx_BA), idx_BA, valid_BA, shared)
-            weight_BA = jnp.where(valid_BA, _gather(gate_BT, idx_BA), 0.0).astype(f_BAD.dtype)
-            hidden_BTD = hidden_BTD.at[rows_B1, idx_BA].add(weight_BA[..., None] * f_BAD)
+        f_BAD, shared = run.middle(r, _gather(hidden_BTD, idx_BA), idx_BA, valid_BA, shared)
+        weight_BA = jnp.where(valid_BA, _gather(gate_BT, idx_BA), 0.0).astype(f_BAD.dtype)
+        hidden_BTD = hidden_BTD.at[rows_B1, idx_BA].add(weight_BA[..., None] * f_BAD)
         all_logits.append(logits_BT)
         all_kept.append(kept_BT)
     return hidden_BTD, tuple(all_logits), tuple(all_kept)
 
 
-def _token(run: _Run, hidden_BTD, dense: bool):
+def _token(run: Runner, hidden_BTD):
     """Token-choice recursions; returns (hidden, router logits [B, T, R], depths, kept masks)."""
-    c, (b, t, _) = run.c, hidden_BTD.shape
+    c, b = run.c, hidden_BTD.shape[0]
     rows_B1 = jnp.arange(b)[:, None]
     logits_BTR, depth_BT, gate_BT = token_route(c, run.params["routers"], hidden_BTD)
     state_BTD, out_BTD, shared, all_kept = hidden_BTD, hidden_BTD, None, []
     for r in range(1, c.num_loops + 1):
         active_BT = depth_BT >= r
-        if dense:
-            all_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-            f_BTD, shared = run.middle(r, state_BTD, all_BT, active_BT, shared)
-            finish_BT = depth_BT == r
-            update_BTD = hidden_BTD + gate_BT[..., None].astype(f_BTD.dtype) * f_BTD
-            out_BTD = jnp.where(finish_BT[..., None], update_BTD, out_BTD)
-            state_BTD = jnp.where((depth_BT > r)[..., None], f_BTD, state_BTD)
-        else:
-            idx_BA, valid_BA = _compact(active_BT)
-            x_BAD = _gather(state_BTD, idx_BA)
-            f_BAD, shared = run.middle(r, x_BAD, idx_BA, valid_BA, shared)
-            depth_BA = _gather(depth_BT, idx_BA)
-            weight_BA = jnp.where(depth_BA == r, _gather(gate_BT, idx_BA), 0.0)
-            # out starts as h^1 and each token adds its gated output once, at its last recursion.
-            out_BTD = out_BTD.at[rows_B1, idx_BA].add(
-                weight_BA[..., None].astype(f_BAD.dtype) * f_BAD
-            )
-            onward_BAD = jnp.where((depth_BA > r)[..., None], f_BAD, x_BAD)
-            state_BTD = state_BTD.at[rows_B1, idx_BA].set(onward_BAD)  # idx is a permutation
+        idx_BA, valid_BA = _compact(active_BT)
+        x_BAD = _gather(state_BTD, idx_BA)
+        f_BAD, shared = run.middle(r, x_BAD, idx_BA, valid_BA, shared)
+        depth_BA = _gather(depth_BT, idx_BA)
+        weight_BA = jnp.where(depth_BA == r, _gather(gate_BT, idx_BA), 0.0)
+        # out starts as h^1 and each token adds its gated output once, at its last recursion.
+        out_BTD = out_BTD.at[rows_B1, idx_BA].add(weight_BA[..., None].astype(f_BAD.dtype) * f_BAD)
+        onward_BAD = jnp.where((depth_BA > r)[..., None], f_BAD, x_BAD)
+        state_BTD = state_BTD.at[rows_B1, idx_BA].set(onward_BAD)  # idx is a permutation
         all_kept.append(active_BT)
     return out_BTD, logits_BTR, depth_BT, tuple(all_kept)
 
 
-def _forward(config, params, tokens_BT, deterministic, rng, routing, dense) -> MoROutput:
+def _forward(config, params, tokens_BT, deterministic, rng, routing) -> MoROutput:
     c = config
     if not isinstance(c, MoRConfig):
         raise TypeError(f"mor_forward: config must be a MoRConfig, got {type(c).__name__}")
     if routing not in ROUTINGS:
         raise ValueError(f"mor_forward: routing={routing!r} is not one of {ROUTINGS}")
     check_tokens(tokens_BT, c.vocab_size, "tokens")
-    run = _Run(c, params, deterministic, rng)
+    run = Runner(c, params, deterministic, rng)
     b, t = tokens_BT.shape
     positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     causal_B1TT = attn.causal_mask(positions_BT, positions_BT)
     hidden_BTD = run.lm(lambda m, x, p: m._embed(x, p, deterministic), tokens_BT, positions_BT)
     hidden_BTD, _ = run.block(0, hidden_BTD, positions_BT, causal_B1TT)
     if c.router == "expert_choice":
-        hidden_BTD, logits, kept = _expert(run, hidden_BTD, routing, dense)
+        hidden_BTD, logits, kept = _expert(run, hidden_BTD, routing)
         aux = expert_aux(c, logits, kept)
     else:
-        hidden_BTD, logits_BTR, depth_BT, kept = _token(run, hidden_BTD, dense)
+        hidden_BTD, logits_BTR, depth_BT, kept = _token(run, hidden_BTD)
         logits = tuple(logits_BTR[..., r] for r in range(c.num_loops))
         aux = token_aux(c, logits_BTR, depth_BT)
     hidden_BTD, _ = run.block(c.num_layers - 1, hidden_BTD, positions_BT, causal_B1TT)
@@ -388,19 +365,4 @@ def mor_forward(
     do). Token-choice routing is per token either way. `rng` feeds dropout when not
     `deterministic`. Shapes never depend on the data, so the pass jits with `config` static.
     """
-    return _forward(config, params, tokens_BT, deterministic, rng, routing, dense=False)
-
-
-def mor_forward_dense(
-    config: MoRConfig,
-    params,
-    tokens_BT: jax.Array,
-    *,
-    deterministic: bool = True,
-    rng: jax.Array | None = None,
-    routing: str = "topk",
-) -> MoROutput:
-    """The reference of `mor_forward`: every token runs every recursion (O(N_r T) block rows),
-    attention masked to the active keys, updates masked by `jnp.where`, and the top-k found by
-    counting (`rank_keep`) rather than `jax.lax.top_k`."""
-    return _forward(config, params, tokens_BT, deterministic, rng, routing, dense=True)
+    return _forward(config, params, tokens_BT, deterministic, rng, routing)

@@ -301,6 +301,9 @@ def rows_block(
     hidden_RCD: jax.Array,
     cache: LayerCache,
     offset_R: jax.Array,
+    *,
+    keys_valid_RT: jax.Array | None = None,
+    write_R: jax.Array | None = None,
 ) -> tuple[jax.Array, LayerCache]:
     """Block `block` over R rows, row r as effective layer layer_R[r] (its own relaxation).
 
@@ -309,6 +312,10 @@ def rows_block(
     all rows at once; each row adds its own adapter unmerged (x A_l) B_l and its own vector deltas,
     which is what lets rows at different loops share the call. Returns (hidden [R, C, D], the
     rows' caches with the chunk written).
+
+    Mixture-of-Recursions rows (`decoding/mor_depthwise.py`) also give `keys_valid_RT` [R, T]
+    (the only keys a row may read besides causality: recursion-wise caching) and `write_R` [R]
+    (False: the row reads its cache as it is and writes nothing, recursive KV sharing).
     """
     c = config
     shared = params["decoder"][f"blocks_{block}"]
@@ -323,24 +330,31 @@ def rows_block(
     module = DecoderBlock(c.base)
     t = cache.key_BHTK.shape[2]
 
-    def one_row(vectors_r, pairs_r, x_CD, key_HTK, value_HTK, offset):
+    r = hidden_RCD.shape[0]
+    valid_RT = jnp.ones((r, t), bool) if keys_valid_RT is None else keys_valid_RT
+    write_R = jnp.ones((r,), bool) if write_R is None else write_R
+
+    def one_row(vectors_r, pairs_r, x_CD, key_HTK, value_HTK, offset, valid_T, write):
         row_params = dict(flat_block)
         for p, delta in vectors_r.items():
             row_params[p] = (flat_block[p] + delta.astype(flat_block[p].dtype)).astype(
                 flat_block[p].dtype
             )
         positions_1C = offset + jnp.arange(x_CD.shape[0], dtype=jnp.int32)[None]
-        mask_11CT = (jnp.arange(t)[None, :] <= positions_1C[0][:, None])[None, None]
+        mask_11CT = ((jnp.arange(t)[None, :] <= positions_1C[0][:, None]) & valid_T)[None, None]
+        # Offset T writes nothing (`cache.write_chunk` drops rows past the end).
+        write_at = jnp.where(write, offset, t)
         with nn.intercept_methods(_row_interceptor(pairs_r)):
             y_1CD, new = module.apply(
                 {"params": traverse_util.unflatten_dict(row_params)}, x_CD[None], positions_1C,
-                mask_11CT, LayerCache(key_HTK[None], value_HTK[None]), offset[None],
+                mask_11CT, LayerCache(key_HTK[None], value_HTK[None]), write_at[None],
             )  # fmt: skip
         return y_1CD[0], new.key_BHTK[0], new.value_BHTK[0]
 
     hidden_RCD, key_RHTK, value_RHTK = jax.vmap(one_row)(
-        vectors, pairs, hidden_RCD, cache.key_BHTK, cache.value_BHTK, offset_R.astype(jnp.int32)
-    )
+        vectors, pairs, hidden_RCD, cache.key_BHTK, cache.value_BHTK, offset_R.astype(jnp.int32),
+        valid_RT, write_R,
+    )  # fmt: skip
     return hidden_RCD, LayerCache(key_RHTK, value_RHTK)
 
 

@@ -24,6 +24,7 @@ from flax import struct
 from free_jax.models import T5, T5Config
 from free_jax.models.lm import DecoderLM
 from free_jax.models.lm_config import LMConfig
+from free_jax.models.mor import MoRConfig, mor_forward
 from free_jax.models.recursive import RecursiveConfig, RecursiveLM
 
 ModelConfig = T5Config | LMConfig
@@ -40,12 +41,23 @@ class Forward:
         final norm (T5: and its dropout), which is what the LM head reads.
       hidden: {layer l: [B, T, D]} outputs of the requested layers before any norm, which is
         what a self-supervised exit head (`models.exit_heads`) reads.
+      aux: the model's own auxiliary losses (float32 scalars; Mixture-of-Recursions' router
+        losses, "total" weighted and ready to add to the loss); empty for other models.
     """
 
     logits: jax.Array
     exit_logits: dict[int, jax.Array]
     normed: dict[int, jax.Array]
     hidden: dict[int, jax.Array] = struct.field(default_factory=dict)
+    aux: dict[str, jax.Array] = struct.field(default_factory=dict)
+
+
+def intermediate_exits(config: ModelConfig) -> tuple[int, ...]:
+    """Layers k < L whose exit logits `forward` can return: all of them, except for a
+    Mixture-of-Recursions model, whose tokens leave at depths their routers choose."""
+    if isinstance(config, MoRConfig):
+        return ()
+    return tuple(range(1, config.num_decoder_layers))
 
 
 # t5x feature names -> keyword of the T5 call.
@@ -112,6 +124,9 @@ def forward(
             return Forward(out.logits, dict(out.exit_logits), normed, hidden)
 
         tokens = batch["decoder_input_tokens"]
+        if isinstance(config, MoRConfig):
+            return _mor(config, params, batch, exit_layers + normed_layers + hidden_layers,
+                        rng, deterministic)  # fmt: skip
         packing = (batch.get("decoder_positions"), batch.get("decoder_segment_ids"))
         if isinstance(config, RecursiveConfig):  # the vanilla pass on materialised weights
             return RecursiveLM(config).apply(params, tokens, *packing, method=run_lm, rngs=rngs)
@@ -119,3 +134,23 @@ def forward(
             {"params": params}, tokens, *packing, method=run_lm, rngs=rngs
         )
     raise TypeError(f"training supports T5Config and LMConfig models, got {type(config).__name__}")
+
+
+def _mor(config: MoRConfig, params, batch, layers_asked, rng, deterministic) -> Forward:
+    """A Mixture-of-Recursions model: training-time (top-k) routing, router losses in `aux`."""
+    if layers_asked:
+        raise ValueError(
+            "a Mixture-of-Recursions model has no exits inside its routed stack (its routers "
+            f"choose each token's depth), but the loss asked for layers {sorted(set(layers_asked))}"
+            ": train it with LossConfig.kind='ce' (the router losses are added to it)"
+        )
+    if "decoder_segment_ids" in batch:
+        raise ValueError(
+            "a Mixture-of-Recursions model trains on unpacked rows (expert-choice top-k ranks the "
+            "tokens of a row, which must be one sequence): set DataConfig.pack=False"
+        )
+    out = mor_forward(
+        config, params, batch["decoder_input_tokens"], deterministic=deterministic, rng=rng,
+        routing="topk",
+    )  # fmt: skip
+    return Forward(out.logits, {}, {}, {}, aux=dict(out.aux))

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 
 from free_jax.models.exit_heads import exit_head_layers, head_logits
 from free_jax.models.field_types import check_field_types
-from free_jax.training.forward import ModelConfig, forward
+from free_jax.training.forward import ModelConfig, forward, intermediate_exits
 
 LOSS_KINDS = ("free", "calm", "ce", "exit_heads", "loop_exits")
 ALIGNMENTS = ("dynamic", "uniform", "last")
@@ -494,6 +494,11 @@ def compute_loss(
         c, params, batch, exit_layers=exit_layers, normed_layers=normed_layers, rng=rng,
         deterministic=deterministic,
     )  # fmt: skip
+    if out.aux:  # the model's own losses (Mixture-of-Recursions' routers), only with kind "ce"
+        loss, metrics = ce_loss(out.logits, targets_BT, weights_BT, loss_config.z_loss)
+        metrics.update({f"aux_{k}": v for k, v in out.aux.items()})
+        metrics["loss"] = loss + out.aux["total"]
+        return metrics["loss"], metrics
     if loss_config.kind == "free":
         return free_loss(
             out.exit_logits[shallow], out.logits,
@@ -524,7 +529,7 @@ def exit_losses(
     exactly before dividing.
     """
     num_layers = model_config.num_decoder_layers
-    out = forward(model_config, params, batch, exit_layers=range(1, num_layers))
+    out = forward(model_config, params, batch, exit_layers=intermediate_exits(model_config))
     targets_BT, weights_BT = _targets_and_weights(model_config, batch)
     weights_BT = weights_BT.astype(jnp.float32)
     sums = {"weight": jnp.sum(weights_BT)}

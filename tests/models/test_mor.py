@@ -10,13 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from free_jax.models.mor import (
-    TINY,
-    MoRConfig,
-    init_mor_params,
-    mor_forward,
-    mor_forward_dense,
-)
+from free_jax.models.mor import TINY, MoRConfig, init_mor_params, mor_forward
+from free_jax.models.mor_cached import mor_forward_dense
 from free_jax.models.mor_routers import causal_route, rank_keep, top_k_keep
 
 # N_r = 3 with K' = 1 keeps compiles short; K' = 2 (two layers per recursion) runs where the
