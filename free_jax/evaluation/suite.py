@@ -53,9 +53,10 @@ class SuiteSpec:
       static: the static baseline's spec (None: `StaticSpec(k)` with k = FREE's S).
       free_threshold, calm_threshold: the fixed thresholds of the main table.
       calibrated_threshold: FREE's threshold from threshold.json, if one was given.
-      sweep_thresholds: extra FREE and CALM thresholds for the quality/speed curves (primary batch
-        size only).
+      sweep_thresholds: extra FREE and CALM thresholds for the quality/speed curves.
       batch_sizes: timed batch sizes; the first is the primary one.
+      sweep_batch_sizes: the batch sizes the sweep runs at (each one of `batch_sizes`; None: the
+        primary one only).
       include_adaptive: a FREE row with the online threshold (needs `free.records`).
       include_lossless: a FREE lossless row.
       calibrated_guarantee: (epsilon, delta) when the calibrated threshold is Learn-then-Test's:
@@ -74,6 +75,7 @@ class SuiteSpec:
     calibrated_threshold: float | None = None
     sweep_thresholds: tuple[float, ...] = ()
     batch_sizes: tuple[int, ...] = (8,)
+    sweep_batch_sizes: tuple[int, ...] | None = None
     include_adaptive: bool = True
     include_lossless: bool = True
     calibrated_guarantee: tuple[float, float] | None = None
@@ -88,6 +90,12 @@ class SuiteSpec:
                      "sweep_thresholds", "exit_thresholds"):  # fmt: skip
             if getattr(self, name) is not None:
                 check_threshold(getattr(self, name), f"SuiteSpec.{name}")
+        extra = set(self.sweep_batch_sizes or ()) - set(self.batch_sizes)
+        if extra:
+            raise ValueError(
+                f"SuiteSpec.sweep_batch_sizes={self.sweep_batch_sizes!r} names batch sizes "
+                f"{sorted(extra)} that SuiteSpec.batch_sizes={self.batch_sizes!r} does not run"
+            )
         if (self.exits is None) != (self.exit_thresholds is None) or (
             self.exits is not None and len(self.exits) != len(self.exit_thresholds)
         ):
@@ -268,7 +276,10 @@ def run_suite(
     records, extras = [], {"predictions": {}, "records": None}
     for i, batch_size in enumerate(suite.batch_sizes):
         inputs = rebatch(batches, batch_size)
-        choices = main_choices(config, suite) + (sweep_choices(suite) if i == 0 else [])
+        sweeps = suite.sweep_batch_sizes or suite.batch_sizes[:1]
+        choices = main_choices(config, suite) + (
+            sweep_choices(suite) if batch_size in sweeps else []
+        )
         full = None
         for choice in choices:
             run = run_decoder(

@@ -131,6 +131,17 @@ def test_every_spec_field_reaches_the_suites_decoders(run_evaluate):
     assert "- calm (thr=0.7): `CalmSpec(min_exit=2, measure='hidden_cosine'" in table
 
 
+def test_the_sweep_runs_at_every_sweep_batch_size(run_evaluate):
+    _, records, _ = run_evaluate([
+        "SuiteSpec.batch_sizes = (2, 1)", "SuiteSpec.sweep_batch_sizes = (2, 1)",
+        "SuiteSpec.include_adaptive = False", "SuiteSpec.include_lossless = False",
+    ])  # fmt: skip
+    sweeps = {(r["method"], r["batch_size"]) for r in records if r["kind"] == "sweep"}
+    assert sweeps == {(m, b) for m in ("free", "calm") for b in (2, 1)}
+    with pytest.raises(ValueError, match=r"sweep_batch_sizes=\(4,\) names batch sizes \[4\]"):
+        SuiteSpec(batch_sizes=(8, 1), sweep_batch_sizes=(4,))
+
+
 def test_lossless_records_and_the_learned_head_reach_the_decoder(run_evaluate, tmp_path):
     head = init_confidence_head(TINY.d_model, jax.random.key(1))
     path = save_confidence_head(tmp_path / "head.msgpack", head)

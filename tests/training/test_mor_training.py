@@ -100,6 +100,28 @@ def test_causal_router_agrees_with_training_top_k(trained):
     assert agree / total >= 0.9, (agree / total, keep / total)
 
 
+def test_recursion_wise_cache_of_decoding_stores_about_n_plus_1_over_2n(trained):
+    """What decoding stores: the causal routing of the trained model (step-by-step decoding
+    routes exactly so, tests/models/test_mor_cached.py) keeps each real token's keys/values at the
+    recursions it runs. Expert-choice top-k would store (N_r + 1) / (2 N_r) = 2/3 of a full
+    recursive model's middle-block keys/values; the causal routers stay within 0.1 of it."""
+    model_dir, data, _ = trained
+    config, params, tokenizer_path = load_trained(model_dir)
+    task = inputs.resolve_task(data.task)
+    tokenizer = inputs.make_tokenizer(
+        dataclasses.replace(data, tokenizer_path=tokenizer_path), task
+    )
+    stored = real = 0
+    for batch in inputs.validation_set(data, task, tokenizer, 64, None).batches:
+        real_BT = np.asarray(batch["decoder_loss_weights"]) > 0
+        out = mor_forward(config, params, jnp.asarray(batch["decoder_input_tokens"]),
+                          routing="causal")  # fmt: skip
+        stored += sum(np.sum(np.asarray(k) & real_BT) for k in out.kv_stored)
+        real += config.num_loops * np.sum(real_BT)
+    n = config.num_loops
+    assert abs(stored / real - (n + 1) / (2 * n)) <= 0.1, stored / real
+
+
 def test_losses_that_need_inner_exits_are_refused_with_the_fix():
     batch = {
         "decoder_input_tokens": jnp.ones((2, 6), jnp.int32),
