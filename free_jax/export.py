@@ -6,7 +6,8 @@ Picks the saved step with the best validation metric (`--metric`, default the ta
 "score", else "loss"; lower is better for loss/ce/kl names, higher for bleu/rouge/accuracy/score
 ones, `--mode` says which for any other), or `--step`, merges LoRA adapters, casts the
 parameters, and writes `config.json`, `params/` (orbax) and the tokenizer beside them — what
-`free_jax.loading.load_model`, `make demo` and `free_jax.generate` read.
+`free_jax.loading.load_model`, `make demo` and `free_jax.generate` read — plus
+`learning_curve.png` (`training.curves`) when the run logged validation records.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 
 from free_jax.checkpoints import save_params
 from free_jax.checkpoints.naming import check_against_config, flatten
+from free_jax.training.curves import plot_learning_curve
 from free_jax.training.metrics import read_metrics
 from free_jax.training.state import load_trained
 
@@ -110,6 +112,8 @@ def export(model_dir: str, out: str, dtype: str = "bfloat16", step: int | None =
     save_params(out_p, config, params, dtype=DTYPES[dtype])
     if tokenizer_path:
         shutil.copy(tokenizer_path, out_p / Path(tokenizer_path).name)
+    if read_metrics(model_dir_p, split="validation"):  # the model card's curve
+        plot_learning_curve(model_dir_p, out_p / "learning_curve.png")
     size = sum(p.stat().st_size for p in out_p.rglob("*") if p.is_file())
     print(f"exported step {step} of {model_dir} ({dtype}, {size / 1e6:.1f} MB) to {out_p}")
     return out_p

@@ -31,7 +31,12 @@ LENGTHS_Q = jnp.array([6, 3, 5, 2, 6])  # short prompts: prefill runs past their
 
 @pytest.mark.parametrize(
     "router, kv",
-    [("expert_choice", "recursion"), ("expert_choice", "share"), ("token_choice", "recursion")],
+    [
+        ("expert_choice", "recursion"),
+        ("expert_choice", "share"),
+        # the slow twin: token-choice's cached pass is checked fast by tests/models/test_mor_cached.py
+        pytest.param("token_choice", "recursion", marks=pytest.mark.slow),
+    ],
 )
 def test_engine_equals_step_by_step_greedy(router, kv):
     config, params = _setup(router, kv)

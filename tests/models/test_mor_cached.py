@@ -52,7 +52,13 @@ def _stepwise(config, params, tokens_BT, prompt: int):
 
 @pytest.mark.parametrize(
     "router, kv",
-    [("expert_choice", "recursion"), ("expert_choice", "share"), ("token_choice", "recursion")],
+    [
+        ("expert_choice", "recursion"),
+        # the slow twin: shared keys/values are also checked fast, through greedy decoding, by
+        # tests/decoding/test_mor_depthwise.py
+        pytest.param("expert_choice", "share", marks=pytest.mark.slow),
+        ("token_choice", "recursion"),
+    ],
 )
 def test_cached_step_by_step_equals_teacher_forced_causal_pass(router, kv):
     config, params = _setup(router, kv)
