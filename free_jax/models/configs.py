@@ -37,6 +37,11 @@ def describe_config(config) -> str:
     heads = getattr(config, "head_layers", None)
     if heads is not None:  # a HeadedConfig: the backbone, then its heads
         return f"{describe_config(config.base)} + exit heads on layers {tuple(heads)}"
+    if isinstance(config, MoRConfig):
+        return (
+            f"Mixture-of-Recursions ({config.router}, kv {config.kv}) {describe_config(config.base)}"
+            f" as 1 + {config.num_loops} x {config.loop_width} + 1 layers"
+        )
     if isinstance(config, RecursiveConfig):
         return (
             f"recursive {config.sharing} {describe_config(config.base)} as "
