@@ -251,26 +251,7 @@ def _decode(config, spec, params, prompts_QS, lengths_Q, threshold) -> Depthwise
         early_R = exit_R & ~final_R
         token_R = jnp.argmax(logits_RV, axis=-1).astype(jnp.int32)
         st = _fill_skipped(c, spec, params, st, early_R, hidden_RD, write)
-        # Emit.
-        rows_R = jnp.where(exit_R, st.request_R, q)
-        column_R = jnp.minimum(st.count_R, n - 1)
-        st = st.replace(
-            tokens_QN=st.tokens_QN.at[rows_R, column_R].set(token_R),
-            exit_loop_QN=st.exit_loop_QN.at[rows_R, column_R].set(st.loop_R),
-        )
-        count_R = st.count_R + exit_R
-        done_R = exit_R & ((token_R == c.eos_token_id) | (count_R >= n))
-        going_R = running_R & ~exit_R
-        st = st.replace(
-            hidden_RD=hidden_RD,
-            loop_R=jnp.where(exit_R, 0, jnp.where(going_R, st.loop_R + 1, st.loop_R)),
-            token_R=jnp.where(exit_R, token_R, st.token_R),
-            position_R=st.position_R + exit_R,
-            count_R=count_R,
-            ticks=st.ticks + 1,
-            busy=st.busy + jnp.sum(running_R),
-        )
-        return refill(spec, st, exit_R, done_R, q, fill)
+        return finish_tick(spec, st, running_R, exit_R, token_R, hidden_RD, c.eos_token_id, fill)
 
     def cond(st: DepthwiseState):
         return jnp.any(st.request_R < q) | (st.next_request < q)
@@ -280,6 +261,31 @@ def _decode(config, spec, params, prompts_QS, lengths_Q, threshold) -> Depthwise
         tokens_QN=final.tokens_QN[:q], exit_loop_QN=final.exit_loop_QN[:q], ticks=final.ticks,
         busy=final.busy,
     )  # fmt: skip
+
+
+def finish_tick(spec: DepthwiseSpec, st, running_R, exit_R, token_R, hidden_RD, eos: int, fill):
+    """The end of a tick (this engine's and `mor_depthwise`'s): exiting slots emit their token
+    and start the next one at loop 0, the others advance a loop, then `refill`."""
+    q, n = st.tokens_QN.shape[0] - 1, st.tokens_QN.shape[1]
+    rows_R = jnp.where(exit_R, st.request_R, q)
+    column_R = jnp.minimum(st.count_R, n - 1)
+    st = st.replace(
+        tokens_QN=st.tokens_QN.at[rows_R, column_R].set(token_R),
+        exit_loop_QN=st.exit_loop_QN.at[rows_R, column_R].set(st.loop_R),
+    )
+    count_R = st.count_R + exit_R
+    done_R = exit_R & ((token_R == eos) | (count_R >= n))
+    going_R = running_R & ~exit_R
+    st = st.replace(
+        hidden_RD=hidden_RD,
+        loop_R=jnp.where(exit_R, 0, jnp.where(going_R, st.loop_R + 1, st.loop_R)),
+        token_R=jnp.where(exit_R, token_R, st.token_R),
+        position_R=st.position_R + exit_R,
+        count_R=count_R,
+        ticks=st.ticks + 1,
+        busy=st.busy + jnp.sum(running_R),
+    )
+    return refill(spec, st, exit_R, done_R, q, fill)
 
 
 def refill(spec: DepthwiseSpec, st: DepthwiseState, exit_R, done_R, q: int, fill):

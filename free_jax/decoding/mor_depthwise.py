@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from free_jax.decoding.depthwise import DepthwiseResult, refill
+from free_jax.decoding.depthwise import DepthwiseResult, finish_tick
 from free_jax.decoding.specs import DepthwiseSpec
 from free_jax.models.cache import LayerCache
 from free_jax.models.mor import MoRConfig
@@ -227,23 +227,8 @@ def _decode(config, spec, params, prompts_QS, lengths_Q) -> DepthwiseResult:
         st, hidden_RD = run(st, c.num_blocks - 1, jnp.full_like(st.loop_R, last_layer), stop_R,
                             hidden_RD)  # fmt: skip
         token_R = jnp.argmax(model.exit_logits(hidden_RD[:, None])[:, 0], -1).astype(jnp.int32)
-        emit_R = jnp.where(stop_R, st.request_R, q)
-        column_R = jnp.minimum(st.count_R, n - 1)
-        st = st.replace(
-            tokens_QN=st.tokens_QN.at[emit_R, column_R].set(token_R),
-            exit_loop_QN=st.exit_loop_QN.at[emit_R, column_R].set(st.loop_R),
-        )
-        count_R = st.count_R + stop_R
-        done_R = stop_R & ((token_R == c.eos_token_id) | (count_R >= n))
-        going_R = running_R & ~stop_R
-        st = st.replace(
-            hidden_RD=hidden_RD, first_RD=first_RD, depth_R=depth_R, gate_R=gate_R,
-            loop_R=jnp.where(stop_R, 0, jnp.where(going_R, st.loop_R + 1, st.loop_R)),
-            token_R=jnp.where(stop_R, token_R, st.token_R),
-            position_R=st.position_R + stop_R, count_R=count_R, ticks=st.ticks + 1,
-            busy=st.busy + jnp.sum(running_R),
-        )  # fmt: skip
-        return refill(spec, st, stop_R, done_R, q, fill)
+        st = st.replace(first_RD=first_RD, depth_R=depth_R, gate_R=gate_R)
+        return finish_tick(spec, st, running_R, stop_R, token_R, hidden_RD, c.eos_token_id, fill)
 
     def cond(st: RoutedState):
         return jnp.any(st.request_R < q) | (st.next_request < q)

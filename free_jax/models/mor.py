@@ -82,6 +82,7 @@ __all__ = [
     "causal_route",
     "init_mor_params",
     "mor_forward",
+    "mor_output",
 ]
 
 
@@ -329,24 +330,32 @@ def _forward(config, params, tokens_BT, deterministic, rng, routing) -> MoROutpu
     hidden_BTD = run.lm(lambda m, x, p: m._embed(x, p, deterministic), tokens_BT, positions_BT)
     hidden_BTD, _ = run.block(0, hidden_BTD, positions_BT, causal_B1TT)
     if c.router == "expert_choice":
-        hidden_BTD, logits, kept = _expert(run, hidden_BTD, routing)
-        aux = expert_aux(c, logits, kept)
+        hidden_BTD, router_logits, kept = _expert(run, hidden_BTD, routing)
+        depth_BT = None
     else:
-        hidden_BTD, logits_BTR, depth_BT, kept = _token(run, hidden_BTD)
-        logits = tuple(logits_BTR[..., r] for r in range(c.num_loops))
-        aux = token_aux(c, logits_BTR, depth_BT)
+        hidden_BTD, router_logits, depth_BT, kept = _token(run, hidden_BTD)
     hidden_BTD, _ = run.block(c.num_layers - 1, hidden_BTD, positions_BT, causal_B1TT)
+    return mor_output(c, run.lm("exit_logits", hidden_BTD), router_logits, kept, depth_BT)
+
+
+def mor_output(config: MoRConfig, logits_BTV, router_logits, kept, depth_BT) -> MoROutput:
+    """A pass's `MoROutput` from its routing: the auxiliary losses and the stored keys/values.
+
+    `router_logits`: expert-choice R arrays [B, T], token-choice one [B, T, R] (then `depth_BT`,
+    the chosen depths [B, T], feeds the balancing loss).
+    """
+    c = config
+    if c.router == "expert_choice":
+        logits, aux = router_logits, expert_aux(c, router_logits, kept)
+    else:
+        logits = tuple(router_logits[..., r] for r in range(c.num_loops))
+        aux = token_aux(c, router_logits, depth_BT)
     if c.kv == "share":
-        stored = (jnp.ones((b, t), bool),) + tuple(jnp.zeros((b, t), bool) for _ in kept[1:])
+        none_BT = jnp.zeros(kept[0].shape, bool)
+        stored = (jnp.ones(kept[0].shape, bool),) + tuple(none_BT for _ in kept[1:])
     else:
         stored = kept
-    return MoROutput(
-        logits=run.lm("exit_logits", hidden_BTD),
-        aux=aux,
-        router_logits=logits,
-        kept=kept,
-        kv_stored=stored,
-    )
+    return MoROutput(logits=logits_BTV, aux=aux, router_logits=logits, kept=kept, kv_stored=stored)
 
 
 def mor_forward(

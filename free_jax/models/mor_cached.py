@@ -44,14 +44,12 @@ from free_jax.models import attention as attn
 from free_jax.models.cache import LayerCache
 from free_jax.models.lm import prefill
 from free_jax.models.lm_layers import DecoderBlock
-from free_jax.models.mor import MoRConfig, MoROutput, Runner, init_mor_params
+from free_jax.models.mor import MoRConfig, MoROutput, Runner, init_mor_params, mor_output
 from free_jax.models.mor_routers import (
     causal_route,
-    expert_aux,
     expert_gate,
     expert_logits,
     rank_keep,
-    token_aux,
     token_route,
 )
 from free_jax.models.protocol import DecodeContext, check_tokens, register_family
@@ -229,21 +227,8 @@ def mor_forward_dense(
     hidden_BTD, _, routed = routed_layers(
         run, hidden_BTD, init_mor_cache(config, b, t), jnp.zeros((b,), jnp.int32), routing
     )
-    if config.router == "expert_choice":
-        logits, aux = routed.router_logits, expert_aux(config, routed.router_logits, routed.kept)
-    else:
-        logits_BTR = routed.router_logits
-        logits = tuple(logits_BTR[..., r] for r in range(config.num_loops))
-        aux = token_aux(config, logits_BTR, routed.depth)
-    kept = routed.kept
-    if config.kv == "share":
-        stored = (jnp.ones((b, t), bool),) + tuple(jnp.zeros((b, t), bool) for _ in kept[1:])
-    else:
-        stored = kept
-    return MoROutput(
-        logits=run.lm("exit_logits", hidden_BTD), aux=aux, router_logits=logits, kept=kept,
-        kv_stored=stored,
-    )  # fmt: skip
+    logits_BTV = run.lm("exit_logits", hidden_BTD)
+    return mor_output(config, logits_BTV, routed.router_logits, routed.kept, routed.depth)
 
 
 # ============================================================ the decoding protocol
