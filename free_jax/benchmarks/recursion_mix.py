@@ -56,6 +56,7 @@ from free_jax.training import (
     inputs,
     load_trained,
 )
+from free_jax.training.metrics import read_metrics
 from free_jax.training.trainer import train
 
 __all__ = ["flops_per_token", "main", "run"]
@@ -176,7 +177,9 @@ def run(args) -> list[dict]:
         result = _train(args, name, config, steps, tokenizer_path)
         _, params, path = load_trained(result.model_dir)
         tokenizer_path = tokenizer_path or path
-        trained[name] = (config, params, steps, result.validation_metrics["loss"])
+        # A finished run that is resumed trains and validates nothing: its last validation record.
+        validation = result.validation_metrics or read_metrics(result.model_dir, "validation")[-1]
+        trained[name] = (config, params, steps, validation["loss"])
     prompts, lengths, refs, tokenizer = _requests(args, tokenizer_path)
     records = []
     for slots in args.slots:
