@@ -253,7 +253,14 @@ def _decode(config, spec, params, prompts_QS, lengths_Q, threshold) -> Depthwise
         st = _fill_skipped(c, spec, params, st, early_R, hidden_RD, write)
         return finish_tick(spec, st, running_R, exit_R, token_R, hidden_RD, c.eos_token_id, fill)
 
-    def cond(st: DepthwiseState):
+    return serve(tick, state)
+
+
+def serve(tick, state) -> DepthwiseResult:
+    """Ticks until every request is served (this engine's and `mor_depthwise`'s loop)."""
+    q = state.tokens_QN.shape[0] - 1
+
+    def cond(st):
         return jnp.any(st.request_R < q) | (st.next_request < q)
 
     final = jax.lax.while_loop(cond, tick, state)

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from free_jax.decoding.depthwise import DepthwiseResult, finish_tick
+from free_jax.decoding.depthwise import DepthwiseResult, finish_tick, serve
 from free_jax.decoding.specs import DepthwiseSpec
 from free_jax.models.cache import LayerCache
 from free_jax.models.mor import MoRConfig
@@ -230,11 +230,4 @@ def _decode(config, spec, params, prompts_QS, lengths_Q) -> DepthwiseResult:
         st = st.replace(first_RD=first_RD, depth_R=depth_R, gate_R=gate_R)
         return finish_tick(spec, st, running_R, stop_R, token_R, hidden_RD, c.eos_token_id, fill)
 
-    def cond(st: RoutedState):
-        return jnp.any(st.request_R < q) | (st.next_request < q)
-
-    final = jax.lax.while_loop(cond, tick, state)
-    return DepthwiseResult(
-        tokens_QN=final.tokens_QN[:q], exit_loop_QN=final.exit_loop_QN[:q], ticks=final.ticks,
-        busy=final.busy,
-    )  # fmt: skip
+    return serve(tick, state)
