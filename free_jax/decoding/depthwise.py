@@ -189,39 +189,12 @@ def depthwise_decode(
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _decode(config, spec, params, prompts_QS, lengths_Q, threshold) -> DepthwiseResult:
-    c, n, slots = config, spec.max_new_tokens, spec.slots
+    c = config
+    model, _, fill, store = open_store(c, params, prompts_QS, lengths_Q, spec)
     q = prompts_QS.shape[0]
-    model = bind(c, params)
-    context, cache = model.start(prompts_QS, lengths_Q, extra_length=n)
-    scratch = lambda x: jnp.concatenate([x, jnp.zeros_like(x[:1])], axis=0)
-    stack = lambda name: scratch(jnp.stack([getattr(lay, name) for lay in cache.layers], axis=1))
-    first_Q, base_Q = scratch(context.first_token_B), scratch(context.base_B)
     plan = tick_plan(c)
     last_loop = c.num_loops - 1
-
-    def fill(request_R):
-        return dict(
-            request_R=request_R, position_R=base_Q[request_R], token_R=first_Q[request_R],
-            loop_R=jnp.zeros_like(request_R), count_R=jnp.zeros_like(request_R),
-        )  # fmt: skip
-
-    first = jnp.arange(slots, dtype=jnp.int32)
-    state = DepthwiseState(
-        **fill(jnp.where(first < q, first, q)),
-        hidden_RD=jnp.zeros((slots, c.d_model), c.compute_dtype),
-        waiting_R=jnp.zeros((slots,), bool),
-        next_request=jnp.asarray(min(slots, q), jnp.int32),
-        key_QLHTK=stack("key_BHTK"), value_QLHTK=stack("value_BHTK"),
-        tokens_QN=jnp.full((q + 1, n), c.pad_token_id, jnp.int32),
-        exit_loop_QN=jnp.full((q + 1, n), -1, jnp.int32),
-        ticks=jnp.zeros((), jnp.int32), busy=jnp.zeros((), jnp.int32),
-    )  # fmt: skip
-
-    def write(st, rows_R, layer_R, position_R, key_RHK, value_RHK):
-        return st.replace(
-            key_QLHTK=st.key_QLHTK.at[rows_R, layer_R, :, position_R].set(key_RHK),
-            value_QLHTK=st.value_QLHTK.at[rows_R, layer_R, :, position_R].set(value_RHK),
-        )
+    state = DepthwiseState(**store, hidden_RD=jnp.zeros((spec.slots, c.d_model), c.compute_dtype))
 
     def tick(st: DepthwiseState) -> DepthwiseState:
         running_R = (st.request_R < q) & ~st.waiting_R
@@ -234,26 +207,84 @@ def _decode(config, spec, params, prompts_QS, lengths_Q, threshold) -> Depthwise
                 applies_R = applies_R & (st.loop_R == 0)
             elif role == "last":
                 applies_R = applies_R & (st.loop_R == last_loop)
-            rows_R = jnp.where(applies_R, st.request_R, q)
-            gathered = LayerCache(st.key_QLHTK[rows_R, layer_R], st.value_QLHTK[rows_R, layer_R])
-            new_RD, new_cache = rows_block(
-                c, params, block, layer_R, hidden_RD[:, None], gathered, st.position_R
-            )
-            at_R1111 = st.position_R[:, None, None, None]
-            pick = lambda x_RHTK, at=at_R1111: jnp.take_along_axis(x_RHTK, at, axis=2)[:, :, 0]
-            st = write(st, rows_R, layer_R, st.position_R, pick(new_cache.key_BHTK),
-                       pick(new_cache.value_BHTK))  # fmt: skip
-            hidden_RD = jnp.where(applies_R[:, None], new_RD[:, 0], hidden_RD)
+            st, hidden_RD = store_block(c, params, st, block, layer_R, applies_R, hidden_RD)
         exit_layer = c.loop_exit_layers[0] if c.num_loops > 1 else c.num_layers
         logits_RV, conf_R = exit_confidence(model, spec.measure, hidden_RD, layer=exit_layer)
         final_R = st.loop_R == last_loop
         exit_R = running_R & (final_R | exits(conf_R, threshold))
         early_R = exit_R & ~final_R
         token_R = jnp.argmax(logits_RV, axis=-1).astype(jnp.int32)
-        st = _fill_skipped(c, spec, params, st, early_R, hidden_RD, write)
+        st = _fill_skipped(c, spec, params, st, early_R, hidden_RD)
         return finish_tick(spec, st, running_R, exit_R, token_R, hidden_RD, c.eos_token_id, fill)
 
     return serve(tick, state)
+
+
+def with_scratch(x_Q_):
+    """x with one zero row appended: the scratch request row (index Q)."""
+    return jnp.concatenate([x_Q_, jnp.zeros_like(x_Q_[:1])], axis=0)
+
+
+def open_store(config, params, prompts_QS, lengths_Q, spec: DepthwiseSpec):
+    """What both engines (this one and `mor_depthwise`) start from: the bound model, its
+    prefilled cache, `fill` (a slot's fields when it takes request r) and the fields their states
+    share, with the first R requests in the slots (Q: empty)."""
+    c, n, slots = config, spec.max_new_tokens, spec.slots
+    q = prompts_QS.shape[0]
+    model = bind(c, params)
+    context, cache = model.start(prompts_QS, lengths_Q, extra_length=n)
+    stack = lambda name: with_scratch(
+        jnp.stack([getattr(lay, name) for lay in cache.layers], axis=1)
+    )
+    first_Q, base_Q = with_scratch(context.first_token_B), with_scratch(context.base_B)
+
+    def fill(request_R):
+        return dict(
+            request_R=request_R, position_R=base_Q[request_R], token_R=first_Q[request_R],
+            loop_R=jnp.zeros_like(request_R), count_R=jnp.zeros_like(request_R),
+        )  # fmt: skip
+
+    first = jnp.arange(slots, dtype=jnp.int32)
+    store = dict(
+        **fill(jnp.where(first < q, first, q)),
+        waiting_R=jnp.zeros((slots,), bool),
+        next_request=jnp.asarray(min(slots, q), jnp.int32),
+        key_QLHTK=stack("key_BHTK"), value_QLHTK=stack("value_BHTK"),
+        tokens_QN=jnp.full((q + 1, n), c.pad_token_id, jnp.int32),
+        exit_loop_QN=jnp.full((q + 1, n), -1, jnp.int32),
+        ticks=jnp.zeros((), jnp.int32), busy=jnp.zeros((), jnp.int32),
+    )  # fmt: skip
+    return model, cache, fill, store
+
+
+def write_store(st, rows_R, layer_R, key_RHK, value_RHK):
+    """Keys/values [R, H, K] into the request store at (row, layer, the slot's position)."""
+    return st.replace(
+        key_QLHTK=st.key_QLHTK.at[rows_R, layer_R, :, st.position_R].set(key_RHK),
+        value_QLHTK=st.value_QLHTK.at[rows_R, layer_R, :, st.position_R].set(value_RHK),
+    )
+
+
+def store_block(config, params, st, block, layer_R, applies_R, hidden_RD, *, read_R=None,
+                keys_valid_RT=None, write_R=None):  # fmt: skip
+    """Block `block` on every slot (row i as effective layer layer_R[i], `rows_block`), reading
+    the request store at layer read_R (default layer_R) and writing the slot's new keys/values at
+    layer_R where it applies (and `write_R` allows; the others go to the scratch row). Returns
+    (state, hidden [R, D] updated where the block applies)."""
+    q = st.tokens_QN.shape[0] - 1
+    rows_R = jnp.where(applies_R, st.request_R, q)
+    read_R = layer_R if read_R is None else read_R
+    gathered = LayerCache(st.key_QLHTK[rows_R, read_R], st.value_QLHTK[rows_R, read_R])
+    new_RCD, new = rows_block(
+        config, params, block, layer_R, hidden_RD[:, None], gathered, st.position_R,
+        keys_valid_RT=keys_valid_RT, write_R=write_R,
+    )  # fmt: skip
+    at_R1111 = st.position_R[:, None, None, None]
+    pick = lambda x_RHTK: jnp.take_along_axis(x_RHTK, at_R1111, axis=2)[:, :, 0]
+    writes_R = applies_R if write_R is None else applies_R & write_R
+    rows_R = jnp.where(writes_R, st.request_R, q)
+    st = write_store(st, rows_R, layer_R, pick(new.key_BHTK), pick(new.value_BHTK))
+    return st, jnp.where(applies_R[:, None], new_RCD[:, 0], hidden_RD)
 
 
 def serve(tick, state) -> DepthwiseResult:
@@ -326,7 +357,7 @@ def refill(spec: DepthwiseSpec, st: DepthwiseState, exit_R, done_R, q: int, fill
     )
 
 
-def _fill_skipped(c, spec, params, st, early_R, hidden_RD, write):
+def _fill_skipped(c, spec, params, st, early_R, hidden_RD):
     """Keys/values at the exiting tokens' positions for the layers of the loops they skipped."""
     q = st.tokens_QN.shape[0] - 1
     layers = range(c.loop_exit_layers[0], c.num_layers) if c.num_loops > 1 else ()
@@ -343,7 +374,7 @@ def _fill_skipped(c, spec, params, st, early_R, hidden_RD, write):
             else:
                 key_RHK = st.key_QLHTK[rows_R, source, :, st.position_R]
                 value_RHK = st.value_QLHTK[rows_R, source, :, st.position_R]
-            st = write(st, rows_R, layer_R, st.position_R, key_RHK, value_RHK)
+            st = write_store(st, rows_R, layer_R, key_RHK, value_RHK)
         return st
 
     if not layers:

@@ -36,13 +36,17 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from free_jax.decoding.depthwise import DepthwiseResult, finish_tick, serve
+from free_jax.decoding.depthwise import (
+    DepthwiseResult,
+    finish_tick,
+    open_store,
+    serve,
+    store_block,
+    with_scratch,
+)
 from free_jax.decoding.specs import DepthwiseSpec
-from free_jax.models.cache import LayerCache
 from free_jax.models.mor import MoRConfig
 from free_jax.models.mor_routers import expert_gate, token_route
-from free_jax.models.protocol import bind
-from free_jax.models.recursive import rows_block
 
 __all__ = ["RoutedState", "routed_decode"]
 
@@ -128,58 +132,18 @@ def _router_logits(config: MoRConfig, params, loop_R, hidden_RD):
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _decode(config, spec, params, prompts_QS, lengths_Q) -> DepthwiseResult:
-    c, n, slots = config, spec.max_new_tokens, spec.slots
+    c, slots = config, spec.slots
+    model, cache, fill, store = open_store(c, params, prompts_QS, lengths_Q, spec)
     q = prompts_QS.shape[0]
-    model = bind(c, params)
-    context, cache = model.start(prompts_QS, lengths_Q, extra_length=n)
-    scratch = lambda x: jnp.concatenate([x, jnp.zeros_like(x[:1])], axis=0)
-    stack = lambda name: scratch(jnp.stack([getattr(lay, name) for lay in cache.layers], axis=1))
-    first_Q, base_Q = scratch(context.first_token_B), scratch(context.base_B)
     last_loop, last_layer, width = c.num_loops - 1, c.num_layers - 1, c.loop_width
     expert = c.router == "expert_choice"
-
-    def fill(request_R):
-        return dict(
-            request_R=request_R, position_R=base_Q[request_R], token_R=first_Q[request_R],
-            loop_R=jnp.zeros_like(request_R), count_R=jnp.zeros_like(request_R),
-        )  # fmt: skip
-
-    first = jnp.arange(slots, dtype=jnp.int32)
     zeros_RD = jnp.zeros((slots, c.d_model), c.compute_dtype)
     state = RoutedState(
-        **fill(jnp.where(first < q, first, q)),
-        hidden_RD=zeros_RD, first_RD=zeros_RD,
+        **store, hidden_RD=zeros_RD, first_RD=zeros_RD,
         depth_R=jnp.ones((slots,), jnp.int32), gate_R=jnp.zeros((slots,), jnp.float32),
-        waiting_R=jnp.zeros((slots,), bool),
-        next_request=jnp.asarray(min(slots, q), jnp.int32),
-        key_QLHTK=stack("key_BHTK"), value_QLHTK=stack("value_BHTK"),
-        active_QRT=scratch(jnp.stack(cache.active, axis=1)),
-        tokens_QN=jnp.full((q + 1, n), c.pad_token_id, jnp.int32),
-        exit_loop_QN=jnp.full((q + 1, n), -1, jnp.int32),
-        ticks=jnp.zeros((), jnp.int32), busy=jnp.zeros((), jnp.int32),
+        active_QRT=with_scratch(jnp.stack(cache.active, axis=1)),
     )  # fmt: skip
-
-    def run(st, block, layer_R, applies_R, hidden_RD, *, read_R=None, valid_RT=None, write_R=None):
-        """Block `block` on every slot; the store is read at layer read_R (default layer_R) and
-        written at layer_R where the slot applies (and write_R allows)."""
-        rows_R = jnp.where(applies_R, st.request_R, q)
-        read_R = layer_R if read_R is None else read_R
-        gathered = LayerCache(st.key_QLHTK[rows_R, read_R], st.value_QLHTK[rows_R, read_R])
-        new_RCD, new = rows_block(
-            c, params, block, layer_R, hidden_RD[:, None], gathered, st.position_R,
-            keys_valid_RT=valid_RT, write_R=write_R,
-        )  # fmt: skip
-        at_R1111 = st.position_R[:, None, None, None]
-        pick = lambda x_RHTK: jnp.take_along_axis(x_RHTK, at_R1111, axis=2)[:, :, 0]
-        writes_R = applies_R if write_R is None else applies_R & write_R
-        rows_R = jnp.where(writes_R, st.request_R, q)
-        st = st.replace(
-            key_QLHTK=st.key_QLHTK.at[rows_R, layer_R, :, st.position_R].set(pick(new.key_BHTK)),
-            value_QLHTK=st.value_QLHTK.at[rows_R, layer_R, :, st.position_R].set(
-                pick(new.value_BHTK)
-            ),
-        )  # fmt: skip
-        return st, jnp.where(applies_R[:, None], new_RCD[:, 0], hidden_RD)
+    run = functools.partial(store_block, c, params)
 
     def tick(st: RoutedState) -> RoutedState:
         running_R = (st.request_R < q) & ~st.waiting_R
@@ -210,7 +174,7 @@ def _decode(config, spec, params, prompts_QS, lengths_Q) -> DepthwiseResult:
             layer_R = 1 + st.loop_R * width + j
             if c.kv == "recursion":
                 st, x_RD = run(st, 1 + j, layer_R, running_R, x_RD,
-                               valid_RT=active_QRT[rows_R, st.loop_R])  # fmt: skip
+                               keys_valid_RT=active_QRT[rows_R, st.loop_R])  # fmt: skip
             else:  # recursion 1 writes; later recursions read recursion 1's layer, write nothing
                 st, x_RD = run(st, 1 + j, layer_R, running_R, x_RD,
                                read_R=jnp.full_like(layer_R, 1 + j), write_R=st.loop_R == 0)  # fmt: skip

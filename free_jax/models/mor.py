@@ -316,18 +316,28 @@ def _token(run: Runner, hidden_BTD):
     return out_BTD, logits_BTR, depth_BT, tuple(all_kept)
 
 
-def _forward(config, params, tokens_BT, deterministic, rng, routing) -> MoROutput:
-    c = config
-    if not isinstance(c, MoRConfig):
-        raise TypeError(f"mor_forward: config must be a MoRConfig, got {type(c).__name__}")
+def teacher_forced_start(what: str, config, params, tokens_BT, deterministic, rng, routing):
+    """The checks and embedding both teacher-forced passes (`mor_forward`,
+    `mor_cached.mor_forward_dense`, named by `what` in errors) start with; returns (the pass's
+    `Runner`, embedded tokens [B, T, D], positions [B, T])."""
+    if not isinstance(config, MoRConfig):
+        raise TypeError(f"{what}: config must be a MoRConfig, got {type(config).__name__}")
     if routing not in ROUTINGS:
-        raise ValueError(f"mor_forward: routing={routing!r} is not one of {ROUTINGS}")
-    check_tokens(tokens_BT, c.vocab_size, "tokens")
-    run = Runner(c, params, deterministic, rng)
+        raise ValueError(f"{what}: routing={routing!r} is not one of {ROUTINGS}")
+    check_tokens(tokens_BT, config.vocab_size, "tokens")
+    run = Runner(config, params, deterministic, rng)
     b, t = tokens_BT.shape
     positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    causal_B1TT = attn.causal_mask(positions_BT, positions_BT)
     hidden_BTD = run.lm(lambda m, x, p: m._embed(x, p, deterministic), tokens_BT, positions_BT)
+    return run, hidden_BTD, positions_BT
+
+
+def _forward(config, params, tokens_BT, deterministic, rng, routing) -> MoROutput:
+    c = config
+    run, hidden_BTD, positions_BT = teacher_forced_start(
+        "mor_forward", c, params, tokens_BT, deterministic, rng, routing
+    )
+    causal_B1TT = attn.causal_mask(positions_BT, positions_BT)
     hidden_BTD, _ = run.block(0, hidden_BTD, positions_BT, causal_B1TT)
     if c.router == "expert_choice":
         hidden_BTD, router_logits, kept = _expert(run, hidden_BTD, routing)

@@ -41,10 +41,17 @@ import jax.numpy as jnp
 from flax import struct
 
 from free_jax.models import attention as attn
-from free_jax.models.cache import LayerCache
+from free_jax.models.cache import LayerCache, write_chunk
 from free_jax.models.lm import prefill
 from free_jax.models.lm_layers import DecoderBlock
-from free_jax.models.mor import MoRConfig, MoROutput, Runner, init_mor_params, mor_output
+from free_jax.models.mor import (
+    MoRConfig,
+    MoROutput,
+    Runner,
+    init_mor_params,
+    mor_output,
+    teacher_forced_start,
+)
 from free_jax.models.mor_routers import (
     causal_route,
     expert_gate,
@@ -52,7 +59,7 @@ from free_jax.models.mor_routers import (
     rank_keep,
     token_route,
 )
-from free_jax.models.protocol import DecodeContext, check_tokens, register_family
+from free_jax.models.protocol import DecodeContext, register_family
 from free_jax.models.recursive import layer_params
 
 __all__ = ["MoRCache", "MoRModel", "RoutedOutput", "mor_forward_dense", "routed_layers"]
@@ -104,11 +111,7 @@ class RoutedOutput:
 
 def _write_rows(old_BT: jax.Array, rows_BC: jax.Array, offset_B: jax.Array) -> jax.Array:
     """`cache.write_chunk` for [B, T] flags: rows_BC at positions offset_B + c."""
-    c, t = rows_BC.shape[1], old_BT.shape[1]
-    row_BT = jnp.arange(t, dtype=jnp.int32)[None, :] - offset_B.astype(jnp.int32)[:, None]
-    hit_BT = (row_BT >= 0) & (row_BT < c)
-    new_BT = jnp.take_along_axis(rows_BC, jnp.clip(row_BT, 0, c - 1), axis=1)
-    return jnp.where(hit_BT, new_BT, old_BT)
+    return write_chunk(old_BT[:, None, :, None], rows_BC[:, None, :, None], offset_B)[:, 0, :, 0]
 
 
 def _recursion(run: Runner, r: int, x_BCD, positions_BC, kept_BC, cache: MoRCache, offset_B):
@@ -213,17 +216,10 @@ def mor_forward_dense(
     """The reference of `mor.mor_forward`: the sequence as one chunk through `routed_layers` on an
     empty cache of length T (every token runs every recursion, O(N_r T) block rows; attention
     masked to the active keys; updates masked; top-k found by counting, `rank_keep`)."""
-    if not isinstance(config, MoRConfig):
-        raise TypeError(
-            f"mor_forward_dense: config must be a MoRConfig, got {type(config).__name__}"
-        )
-    if routing not in ("topk", "causal"):
-        raise ValueError(f"mor_forward_dense: routing={routing!r} is not one of ('topk', 'causal')")
-    check_tokens(tokens_BT, config.vocab_size, "tokens")
-    run = Runner(config, params, deterministic, rng)
+    run, hidden_BTD, _ = teacher_forced_start(
+        "mor_forward_dense", config, params, tokens_BT, deterministic, rng, routing
+    )
     b, t = tokens_BT.shape
-    positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    hidden_BTD = run.lm(lambda m, x, p: m._embed(x, p, deterministic), tokens_BT, positions_BT)
     hidden_BTD, _, routed = routed_layers(
         run, hidden_BTD, init_mor_cache(config, b, t), jnp.zeros((b,), jnp.int32), routing
     )
