@@ -68,8 +68,9 @@ def test_cached_step_by_step_equals_teacher_forced_causal_pass(router, kv):
     dense = mor_forward_dense(config, params, tokens_BT, routing="causal")
     gathered = mor_forward(config, params, tokens_BT, routing="causal")
     want_BNV = dense.logits[:, prompt - 1 :]
-    np.testing.assert_allclose(step_BNV, want_BNV, atol=2e-4, rtol=2e-4)
-    np.testing.assert_allclose(gathered.logits[:, prompt - 1 :], want_BNV, atol=2e-4, rtol=2e-4)
+    # One chunk against one token at a time sums in another order: ~2e-6 measured on logits of ~6.
+    np.testing.assert_allclose(step_BNV, want_BNV, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(gathered.logits[:, prompt - 1 :], want_BNV, atol=1e-5, rtol=1e-5)
     # The cache records exactly the teacher-forced routing: recursion r ran where kept[r].
     assert isinstance(cache, MoRCache)
     for active_BT, kept_BT in zip(cache.active, dense.kept):
