@@ -253,6 +253,9 @@ def test_flag_parsing():
 
 def test_benchmark_demo_model_is_the_gin_demo_model():
     from free_jax.benchmarks.train_step import model_for
+    from free_jax.models import preset
 
     entry.parse_gin([str(GIN_DIR / "models/demo_small.gin")], [])
     assert entry.model_config() == model_for("demo")
+    assert entry.model_config().replace(dropout_rate=0.0) == preset("demo-small", dropout_rate=0.0)
+    assert model_for("demo", d_model=192).d_model == 192

@@ -4,6 +4,7 @@
         [--batch_sizes 1 8] [--force_exit_rate 0.7] [--repeats 3] [--json PATH]
         [--cpu_decode_flags]
     python -m free_jax.benchmarks.decode --preset t5-large --shallow 6 --dtype bfloat16   # a GPU
+    python -m free_jax.benchmarks.decode --preset demo-small --set d_model=192 d_ff=768
     python -m free_jax.benchmarks.decode --preset pythia-70m      # decoder-only (also gpt2,
         smollm-135m, llama-3.2-1b, ...: any `models.lm_config.LM_PRESETS` name)
 
@@ -84,6 +85,7 @@ from free_jax.decoding.specs import (
     StaticSpec,
 )
 from free_jax.evaluation.suite import spec_fields
+from free_jax.benchmarks.flags import add_set_flag
 from free_jax.generate import threshold_flag
 from free_jax.models import T5Config, param_shapes, preset
 from free_jax.models.exit_heads import default_exit_head_layers
@@ -275,7 +277,7 @@ def hf_greedy_runner(config, params, enc: np.ndarray, max_decode_len: int):
 
 
 def run(args) -> tuple[list[dict], dict]:
-    overrides = dict(dropout_rate=0.0, dtype=args.dtype)
+    overrides = dict(dropout_rate=0.0, dtype=args.dtype, **dict(args.set))
     if args.shallow is not None:
         overrides["shallow_exit_layer"] = args.shallow
     config = model_config(args.preset, **overrides)
@@ -437,6 +439,7 @@ def format_table(records: list[dict], components: dict) -> str:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="t5-small")
+    add_set_flag(parser)
     parser.add_argument("--shallow", type=int, default=None, help="FREE's S (default L/4)")
     parser.add_argument("--static_layer", type=int, default=None, help="static exit k (default S)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -472,7 +475,8 @@ def main(argv=None):
     records, components = run(args)
     for record in records:
         record["xla_flags"] = xla_flags
-    print(f"device: {jax.devices()[0].device_kind}, {os.cpu_count()} CPU cores; {args.preset}")
+    print(f"device: {jax.devices()[0].device_kind}, {os.cpu_count()} CPU cores; {args.preset}"
+          f"{''.join(f' {k}={v}' for k, v in args.set)}")
     print(f"XLA_FLAGS: {xla_flags or '(none)'}")
     print(format_table(records, components))
     if args.json:

@@ -1,6 +1,7 @@
 """Training throughput: tokens/s of the jitted train step (FREE loss) for a few model sizes.
 
     python -m free_jax.benchmarks.train_step [--models tiny,t5-small,demo] [--batch_size 16]
+        [--set d_model=192 num_heads=6]      # a candidate shape
 
 Synthetic full-length batches (every position a real token) so the number is tokens the step
 actually processes, encoder plus decoder. Reports the median over timed steps after warm-up
@@ -18,28 +19,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from free_jax.benchmarks.flags import add_set_flag
 from free_jax.models import count_params, init_params, preset
 from free_jax.training.losses import LossConfig
 from free_jax.training.optim import OptimizerConfig, make_optimizer
 from free_jax.training.state import TrainState
 from free_jax.training.trainer import make_train_step
 
-# The demo model of gin_configs/models/demo_small.gin (kept in sync by tests/test_gin_configs.py).
-DEMO = dict(
-    vocab_size=4000, d_model=256, d_kv=32, num_heads=8, d_ff=512, num_encoder_layers=4,
-    num_decoder_layers=8, shallow_exit_layer=2, feed_forward_proj="gated-gelu",
-    tie_word_embeddings=True, dropout_rate=0.1,
-)  # fmt: skip
-
-
-def model_for(name: str):
+def model_for(name: str, **overrides):
+    """A T5 preset; "demo" is the demo model (`demo-small`, with its training dropout)."""
     if name == "demo":
-        return preset("t5-small").replace(**DEMO)
-    return preset(name)
+        return preset("demo-small", dropout_rate=0.1, **overrides)
+    return preset(name, **overrides)
 
 
-def benchmark(name: str, batch_size: int, length: int, steps: int, warmup: int, loss: str):
-    config = model_for(name)
+def benchmark(
+    name: str, batch_size: int, length: int, steps: int, warmup: int, loss: str, **overrides
+):
+    config = model_for(name, **overrides)
     params = jax.jit(init_params, static_argnums=0)(config, jax.random.key(0))
     opt = OptimizerConfig(name="adafactor", learning_rate=1e-3, schedule="constant")
     tx, schedule = make_optimizer(opt, 1000)
@@ -84,6 +81,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--loss", default="free", choices=["free", "calm", "ce"])
+    add_set_flag(parser)
     args = parser.parse_args(argv)
     device = jax.devices()[0]
     print(f"device: {device.platform} {device.device_kind} (x{jax.device_count()})")
@@ -91,7 +89,9 @@ def main(argv=None):
           f"median of {args.steps} steps after {args.warmup} warm-up")  # fmt: skip
     print(f"{'model':<10} {'params':>8} {'step':>9} {'tokens/s':>10}")
     for name in args.models.split(","):
-        r = benchmark(name, args.batch_size, args.length, args.steps, args.warmup, args.loss)
+        r = benchmark(
+            name, args.batch_size, args.length, args.steps, args.warmup, args.loss, **dict(args.set)
+        )  # fmt: skip
         print(f"{r['model']:<10} {r['params_M']:>7.1f}M {r['step_s']:>8.3f}s "
               f"{r['tokens_per_s']:>10,.0f}")  # fmt: skip
 

@@ -147,3 +147,13 @@ def test_cpu_decode_flags_refuse_a_started_backend():
     jnp.zeros(1).block_until_ready()  # the test process's backend is running
     with pytest.raises(RuntimeError, match="before the first JAX computation"):
         cpu_flags.apply()
+
+
+def test_set_overrides_the_preset_shape():
+    args = bench.parse_args(["--preset", "demo-small", "--set", "d_model=192", "num_heads=6"])
+    assert args.set == [("d_model", 192), ("num_heads", 6)]
+    config = bench.model_config(args.preset, **dict(args.set))
+    assert (config.d_model, config.num_heads, config.num_decoder_layers) == (192, 6, 8)
+    for bad in (["--set", "d_model"], ["--set", "d_model=wide"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(bad)
