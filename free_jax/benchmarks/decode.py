@@ -71,6 +71,7 @@ from free_jax.benchmarks.decode_bounds import (
     step_costs,
     timed_runs,
 )
+from free_jax.benchmarks.flags import add_set_flag
 from free_jax.decoding import cpu_flags, make_decoder, pass_widths
 from free_jax.decoding.deferral import plan_deferral
 from free_jax.decoding.specs import (
@@ -85,7 +86,6 @@ from free_jax.decoding.specs import (
     StaticSpec,
 )
 from free_jax.evaluation.suite import spec_fields
-from free_jax.benchmarks.flags import add_set_flag
 from free_jax.generate import threshold_flag
 from free_jax.models import T5Config, param_shapes, preset
 from free_jax.models.exit_heads import default_exit_head_layers
@@ -475,8 +475,10 @@ def main(argv=None):
     records, components = run(args)
     for record in records:
         record["xla_flags"] = xla_flags
-    print(f"device: {jax.devices()[0].device_kind}, {os.cpu_count()} CPU cores; {args.preset}"
-          f"{''.join(f' {k}={v}' for k, v in args.set)}")
+    print(
+        f"device: {jax.devices()[0].device_kind}, {os.cpu_count()} CPU cores; {args.preset}"
+        f"{''.join(f' {k}={v}' for k, v in args.set)}"
+    )
     print(f"XLA_FLAGS: {xla_flags or '(none)'}")
     print(format_table(records, components))
     if args.json:

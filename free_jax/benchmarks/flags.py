@@ -13,7 +13,9 @@ def config_override(text: str) -> tuple[str, int]:
     """
     field, sep, value = text.partition("=")
     if not sep or not value.lstrip("-").isdigit():
-        raise argparse.ArgumentTypeError(f"--set wants FIELD=INTEGER, e.g. d_model=192; got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"--set wants FIELD=INTEGER, e.g. d_model=192; got {text!r}"
+        )
     return field, int(value)
 
 

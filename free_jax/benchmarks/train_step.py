@@ -26,6 +26,7 @@ from free_jax.training.optim import OptimizerConfig, make_optimizer
 from free_jax.training.state import TrainState
 from free_jax.training.trainer import make_train_step
 
+
 def model_for(name: str, **overrides):
     """A T5 preset; "demo" is the demo model (`demo-small`, with its training dropout)."""
     if name == "demo":

@@ -174,9 +174,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     "flan-t5-large": _v11(1024, 2816, 16, 24),
     # The demo model's shape (gin_configs/models/demo_small.gin): 4 + 8 layers, S = 2.
     "demo-small": dict(
-        vocab_size=4000, d_model=256, d_kv=32, d_ff=512, num_heads=8,
-        num_encoder_layers=4, num_decoder_layers=8, shallow_exit_layer=2,
-        feed_forward_proj="gated-gelu", tie_word_embeddings=True,
+        vocab_size=4000,
+        d_model=256,
+        d_kv=32,
+        d_ff=512,
+        num_heads=8,
+        num_encoder_layers=4,
+        num_decoder_layers=8,
+        shallow_exit_layer=2,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=True,
     ),  # fmt: skip
     # Tests: odd head count and few buckets exercise the shape logic cheaply.
     "tiny": dict(
