@@ -48,7 +48,9 @@ class SuiteSpec:
 
     Attributes:
       free: the FREE spec of every FREE row (window, shallow S, measure, rollback, records,
-        position decay); the lossless row runs it with `lossless=True` and no rollback.
+        position decay); the lossless row runs it with `lossless=True` and no rollback, and the
+        adaptive row with `records=True` (it refits on them). `records=False` (runs/evaluate.gin)
+        lets the other plain rows compute the LM head only where a token is output.
       calm: CALM's spec (minimum exit, measure, position decay).
       static: the static baseline's spec (None: `StaticSpec(k)` with k = FREE's S).
       free_threshold, calm_threshold: the fixed thresholds of the main table.
@@ -57,7 +59,7 @@ class SuiteSpec:
       batch_sizes: timed batch sizes; the first is the primary one.
       sweep_batch_sizes: the batch sizes the sweep runs at (each one of `batch_sizes`; None: the
         primary one only).
-      include_adaptive: a FREE row with the online threshold (needs `free.records`).
+      include_adaptive: a FREE row with the online threshold.
       include_lossless: a FREE lossless row.
       calibrated_guarantee: (epsilon, delta) when the calibrated threshold is Learn-then-Test's:
         the row then reports the risk measured on this split beside them.
@@ -110,11 +112,6 @@ class SuiteSpec:
                 )
         if self.static is not None and not isinstance(self.static, StaticSpec):
             raise TypeError(f"SuiteSpec.static must be a StaticSpec or None, got {self.static!r}")
-        if self.include_adaptive and not self.free.records:
-            raise ValueError(
-                "the adaptive row refits on FREE's agreement records: FreeSpec.records=False needs "
-                "SuiteSpec.include_adaptive=False"
-            )
 
 
 def main_choices(config: T5Config, suite: SuiteSpec) -> list[DecoderChoice]:
@@ -127,7 +124,8 @@ def main_choices(config: T5Config, suite: SuiteSpec) -> list[DecoderChoice]:
         DecoderChoice(f"free (thr={suite.free_threshold:g})", free, suite.free_threshold),
     ]
     if suite.include_adaptive:
-        choices.append(DecoderChoice("free (adaptive)", free, adaptive=True))
+        adaptive = dataclasses.replace(free, records=True)  # it refits on the records
+        choices.append(DecoderChoice("free (adaptive)", adaptive, adaptive=True))
     if suite.calibrated_threshold is not None:
         thr = suite.calibrated_threshold
         name = f"free (calibrated {thr:.3f})"

@@ -5,6 +5,7 @@ gin_configs/runs/evaluate.gin plus bindings; a spy around `make_decoder` records
 and what every call passed it.
 """
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -103,16 +104,18 @@ def test_every_spec_field_reaches_the_suites_decoders(run_evaluate):
         "SuiteSpec.static = @StaticSpec()", "StaticSpec.exit_layer = 3",
         "SuiteSpec.free_threshold = 0.6", "SuiteSpec.calm_threshold = 0.7",
     ])  # fmt: skip
-    free = FreeSpec(shallow=2, window=2, rollback=0.5, measure="softmax_max", position_temp=0.3)
-    calm = CalmSpec(min_exit=2, measure="hidden_cosine", position_temp=0.2)
-    lossless = FreeSpec(
-        shallow=2, window=2, lossless=True, measure="softmax_max", position_temp=0.3
+    # evaluate.gin: timed FREE rows keep no records; the adaptive row keeps them (it refits)
+    free = FreeSpec(
+        shallow=2, window=2, rollback=0.5, measure="softmax_max", position_temp=0.3, records=False
     )
+    adaptive = dataclasses.replace(free, records=True)
+    calm = CalmSpec(min_exit=2, measure="hidden_cosine", position_temp=0.2)
+    lossless = dataclasses.replace(free, lossless=True, rollback=None)
     calls = _by_spec(spies)
-    assert set(calls) == {GreedySpec(), StaticSpec(exit_layer=3), calm, free, lossless}
+    assert set(calls) == {GreedySpec(), StaticSpec(exit_layer=3), calm, free, adaptive, lossless}
     assert {t for t, _ in calls[calm]} == {0.7, 0.5}  # the main row, then the sweep
-    free_thresholds = {t for t, _ in calls[free]}
-    assert {0.6, 0.5} <= free_thresholds and len(free_thresholds) >= 3  # + adaptive's
+    assert {t for t, _ in calls[free]} == {0.6, 0.5}
+    assert len(calls[adaptive]) >= 1
     assert {t for t, _ in calls[lossless]} == {0.6}
     # traced values (rollback, position_temp) come from the spec each call defaults to
     for spy in spies:
@@ -123,9 +126,10 @@ def test_every_spec_field_reaches_the_suites_decoders(run_evaluate):
     assert set(rows) >= {"static (k=3)", "calm (thr=0.7)", "free (thr=0.6)", "free (adaptive)"}
     assert rows["free (thr=0.6)"]["spec"] == {
         "type": "FreeSpec", "shallow": 2, "window": 2, "lossless": False, "rollback": 0.5,
-        "records": True, "measure": "softmax_max", "position_temp": 0.3, "exits": None,
+        "records": False, "measure": "softmax_max", "position_temp": 0.3, "exits": None,
         "min_waiting": 1, "max_wait": 0,
     }  # fmt: skip
+    assert rows["free (adaptive)"]["spec"]["records"] is True
     assert rows["free lossless (thr=0.6)"]["method"] == "free_lossless"
     assert rows["calm (thr=0.7)"]["spec"]["min_exit"] == 2
     assert "- calm (thr=0.7): `CalmSpec(min_exit=2, measure='hidden_cosine'" in table
@@ -203,9 +207,6 @@ def test_calibration_needs_free_records():
 
 
 def test_suite_and_choice_reject_what_cannot_run():
-    with pytest.raises(ValueError, match="include_adaptive=False"):
-        SuiteSpec(free=FreeSpec(records=False))
-    SuiteSpec(free=FreeSpec(records=False), include_adaptive=False)
     with pytest.raises(TypeError, match="SuiteSpec.calm must be a CalmSpec"):
         SuiteSpec(calm=FreeSpec())
     with pytest.raises(ValueError, match="needs a threshold"):
